@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (set up, run the whole pipeline on the built-in corpus)
+# and `make test` (set up, run the whole test suite).
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup demo demo-bert test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+demo: setup
+	$(BIN)/pretrain run configs/gpt-tiny.yaml
+
+demo-bert: setup
+	$(BIN)/pretrain run configs/bert-tiny.yaml
+
+test: setup
+	bash scripts/system-deps.sh
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not slurm and not browser"
+
+clean:
+	rm -rf work test-artifacts .pytest_cache
