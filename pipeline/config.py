@@ -97,6 +97,8 @@ class ModelSection(Section):
     d_ff: int | None = Field(None, gt=0, description="MLP hidden size. Default: 4*d_model for GELU, "
                              "8/3*d_model rounded up to a multiple of 64 for SwiGLU.")
     activation: Literal["gelu", "swiglu"] = Field("gelu", description="MLP activation.")
+    gelu_approximate: Literal["tanh", "none"] = Field("tanh", description="GELU variant: `tanh` (GPT-2) or "
+                                                      "`none`, the exact erf form (BERT).")
     norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalization layer.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the normalization layers.")
     norm_position: Literal["pre", "post"] = Field("pre", description="`pre`: GPT-2/Llama pre-norm blocks; "
@@ -268,8 +270,7 @@ class Config(Section):
 
     def model_args(self) -> dict[str, Any]:
         """The model section as keyword arguments for `models.ModelConfig`."""
-        args = self.model.model_dump(exclude={"pad_vocab_multiple"})
-        return args
+        return self.model.model_dump(exclude={"pad_vocab_multiple"})
 
     @property
     def data_parallel_size(self) -> int:

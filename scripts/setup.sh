@@ -17,6 +17,6 @@ else
   echo "setup: no NVIDIA GPU; installing the CPU build torch==2.13.0 first"
   "${PIP[@]}" install 'torch==2.13.0'
 fi
-"${PIP[@]}" install -e '.[dev]'
+"${PIP[@]}" install -e '.[dev]' -c constraints.txt
 touch "$VENV/.installed"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
