@@ -27,6 +27,7 @@ class GPT(nn.Module):
         logits = self.lm_head(hidden)  # (B, T, vocab_size)
         loss = None
         if labels is not None:
+            # fp32 log-softmax: in bf16 the small probabilities of a large vocabulary round away.
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return ModelOutput(loss, logits)
 

@@ -59,6 +59,11 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
     @property
+    def kv_dim(self) -> int:
+        """Width of the k and v projections (d_model unless grouped-query attention)."""
+        return self.kv_heads * self.head_dim
+
+    @property
     def ffn_dim(self) -> int:
         """Hidden width of the MLP: d_ff when given, else 4*d_model for GELU, and for SwiGLU
         8*d_model/3 rounded up to a multiple of 64 (three matrices at ~2/3 width keep the parameter
@@ -113,15 +118,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.q_dim, self.kv_dim = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         # One fused projection: a single matmul for q, k and v, split afterwards.
-        self.qkv = nn.Linear(cfg.d_model, self.q_dim + 2 * self.kv_dim, bias=cfg.bias)
-        self.out = nn.Linear(self.q_dim, cfg.d_model, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * cfg.kv_dim, bias=cfg.bias)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, attn_mask=None, causal=False):
         cfg, (B, T, _) = self.cfg, x.shape
-        q, k, v = self.qkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q, k, v = self.qkv(x).split([cfg.d_model, cfg.kv_dim, cfg.kv_dim], dim=-1)
         q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = k.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)  # (B, kv_heads, T, head_dim)
         v = v.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
@@ -134,7 +138,7 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         dropout_p = cfg.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
-        y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, n_heads * head_dim)
+        y = y.transpose(1, 2).reshape(B, T, cfg.d_model)  # (B, T, n_heads * head_dim)
         return self.resid_dropout(self.out(y))
 
 
@@ -232,10 +236,12 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """GPT-2 initialisation: weights N(0, init_std), biases 0, norms 1; the projections that write
     into the residual stream (attention out, MLP down) get std / sqrt(2 * n_layers), so the
     stream's variance does not grow with depth (two residual additions per layer)."""
+    # Dispatch on parameter names, not module types: one rule covers LayerNorm, RMSNorm and the MLM bias.
     for name, param in model.named_parameters():
-        if param.dim() < 2:
-            # nn.Module.apply-style resets would miss RMSNorm, so dispatch on the parameter instead.
-            nn.init.ones_(param) if name.endswith("norm.weight") else nn.init.zeros_(param)
+        if name.endswith("norm.weight"):
+            nn.init.ones_(param)
+        elif param.dim() == 1:
+            nn.init.zeros_(param)
         elif name.endswith(("attn.out.weight", "mlp.down.weight")):
             nn.init.normal_(param, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
         else:
@@ -259,19 +265,21 @@ def matmul_parameters(cfg: ModelConfig) -> int:
     """Weights that take part in a matmul per token: every block's q/k/v/out and MLP matrices, plus
     the output projection to the vocabulary (a matmul whether or not it is tied), plus BERT's MLM
     head transform. Biases and norms are left out: they cost O(1) FLOPs per parameter, not 2."""
-    attention = cfg.d_model * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.d_model
+    attention = cfg.d_model * (cfg.d_model + 2 * cfg.kv_dim) + cfg.d_model * cfg.d_model  # qkv, out
     mlp = (3 if cfg.activation == "swiglu" else 2) * cfg.d_model * cfg.ffn_dim
     head_transform = cfg.d_model * cfg.d_model if cfg.family == "bert" else 0
     return cfg.n_layers * (attention + mlp) + head_transform + cfg.d_model * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token (forward + backward), PaLM appendix B: 6 * N + 12 * n_layers * d_model * seq_len.
+    """Training FLOPs per token (forward + backward), PaLM appendix B:
 
-    N = matmul_parameters(cfg): non-embedding matmul weights including the projection to the vocabulary;
-    each costs 2 FLOPs forward and 4 backward. The second term is attention itself (q.k scores and the
-    weighted sum of v, 2 * 2 * seq_len * d_model per layer forward, times 3), counted in full although
-    a causal mask lets kernels skip half of it, as PaLM counts for MFU."""
+        6 * N + 12 * n_layers * d_model * seq_len
+
+    N = matmul_parameters(cfg): non-embedding matmul weights including the projection to the
+    vocabulary; each costs 2 FLOPs forward and 4 backward. The second term is attention itself (q.k
+    scores and the weighted sum of v, 2 * 2 * seq_len * d_model per layer forward, times 3), counted
+    in full although a causal mask lets kernels skip half of it, as PaLM counts it for MFU."""
     return 6 * matmul_parameters(cfg) + 12 * cfg.n_layers * cfg.d_model * seq_len
 
 
@@ -282,15 +290,14 @@ def activation_memory_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, by
     Their per-layer s*b*h*(34 + 5*a*s/h) bytes (16-bit values) is generalised to this config: per
     token and layer the stored values are the attention input, q, k, v (k, v narrower under GQA)
     and the attention output; the MLP input and its ffn_dim-wide tensors (GELU: its input and the
-    down-projection input; SwiGLU: gate, silu(gate), up and their product); the two norm inputs; plus 1-byte dropout masks
-    on both residual branches when dropout > 0. For a GPT-2-shaped layer at 2 bytes with dropout this
-    is exactly their 34*s*b*h. The 5*a*s/h term (the s x s attention probabilities) is dropped:
-    SDPA's flash / memory-efficient kernels recompute them in backward. Added once: the final
-    hidden states entering the lm head and the logits, kept in fp32 by the cross-entropy.
-    """
+    down-projection input; SwiGLU: gate, silu(gate), up and their product); the two norm inputs;
+    plus 1-byte dropout masks on both residual branches when dropout > 0. For a GPT-2-shaped layer
+    at 2 bytes with dropout this is exactly their 34*s*b*h. The 5*a*s/h term (the s x s attention
+    probabilities) is dropped: SDPA's flash / memory-efficient kernels recompute them in backward.
+    Added once: the final hidden states entering the lm head and the logits, kept in fp32 by the
+    cross-entropy."""
     h, f = cfg.d_model, cfg.ffn_dim
-    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    attention_values = h + 2 * q_dim + 2 * kv_dim
+    attention_values = 3 * h + 2 * cfg.kv_dim  # input, q, k, v, output
     mlp_values = h + (4 * f if cfg.activation == "swiglu" else 2 * f)
     norm_values = 2 * h
     dropout_mask_bytes = 2 * h if cfg.dropout > 0 else 0

@@ -1,0 +1,130 @@
+"""Weight mapping against transformers' own implementations: same weights in, same logits out (fp32)."""
+
+import pytest
+import torch
+import transformers
+from torch.testing import assert_close
+
+from models import BERT, GPT, ModelConfig, from_hf, from_hf_config, hf_arch, load_hf_state_dict, to_hf, to_hf_config
+
+VOCAB, SEQ = 61, 10
+TINY = dict(vocab_size=VOCAB, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)
+GPT2_CFG = ModelConfig(family="gpt", d_ff=48, **TINY)
+LLAMA_CFG = ModelConfig(family="gpt", n_kv_heads=2, d_ff=48, activation="swiglu", norm="rmsnorm", position="rope",
+                        rope_theta=500.0, bias=False, tie_embeddings=False, **TINY)
+BERT_CFG = ModelConfig(family="bert", d_ff=48, gelu_approximate="none", norm_eps=1e-12, norm_position="post",
+                       type_vocab_size=2, pad_token_id=0, **TINY)
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial values everywhere (norm weights, biases too) so a swapped or dropped tensor shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+def hf_model(hf_config):
+    hf_config._attn_implementation = "eager"  # compare against plain matmul-softmax attention, not SDPA
+    cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
+           "bert": transformers.BertForMaskedLM}[hf_config.model_type]
+    return randomize_(cls(hf_config), seed=1)
+
+
+def tokens(batch=2, seed=0):
+    return torch.randint(1, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cfg", [GPT2_CFG, LLAMA_CFG], ids=["gpt2", "llama-gqa"])
+def test_causal_lm_from_hf_matches_logits(cfg):
+    hf = hf_model(to_hf_config(cfg))
+    ours_cfg, ours = from_hf(hf)
+    assert ours_cfg == cfg
+    ids = tokens()
+    assert_close(ours.eval()(ids).logits, hf(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("cfg", [GPT2_CFG, LLAMA_CFG], ids=["gpt2", "llama-gqa"])
+def test_causal_lm_to_hf_matches_logits(cfg):
+    ours = randomize_(GPT(cfg), seed=2)
+    ids = tokens()
+    assert_close(to_hf(ours)(input_ids=ids).logits, ours(ids).logits)
+
+
+def test_tied_llama_round_trip():
+    cfg = ModelConfig(**{**LLAMA_CFG.__dict__, "tie_embeddings": True})
+    ours = randomize_(GPT(cfg), seed=3)
+    hf = to_hf(ours)
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    ids = tokens()
+    assert_close(from_hf(hf)[1].eval()(ids).logits, ours(ids).logits)
+
+
+def padded_batch():
+    ids = tokens()
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, 6:] = 0
+    ids[1, 6:] = 0  # the pad token
+    token_type_ids = (torch.arange(SEQ) >= 4).long().expand(2, SEQ)
+    return dict(input_ids=ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+def test_bert_from_hf_matches_logits_with_padding():
+    hf = hf_model(to_hf_config(BERT_CFG))
+    ours_cfg, ours = from_hf(hf)
+    assert ours_cfg == BERT_CFG
+    batch = padded_batch()
+    keep = batch["attention_mask"].bool()
+    assert_close(ours.eval()(**batch).logits[keep], hf(**batch).logits[keep])
+
+
+def test_bert_to_hf_matches_logits_with_padding():
+    ours = randomize_(BERT(BERT_CFG), seed=4)
+    batch = padded_batch()
+    keep = batch["attention_mask"].bool()
+    assert_close(to_hf(ours)(**batch).logits[keep], ours(**batch).logits[keep])
+
+
+def test_bert_without_token_types_exports_a_zero_type():
+    cfg = ModelConfig(**{**BERT_CFG.__dict__, "type_vocab_size": 0})
+    ours = randomize_(BERT(cfg), seed=5)
+    hf = to_hf(ours)
+    assert hf.config.type_vocab_size == 1
+    batch = padded_batch()
+    del batch["token_type_ids"]
+    keep = batch["attention_mask"].bool()
+    assert_close(hf(**batch).logits[keep], ours(**batch).logits[keep])
+
+
+@pytest.mark.parametrize("cfg", [GPT2_CFG, LLAMA_CFG, BERT_CFG], ids=["gpt2", "llama", "bert"])
+def test_config_round_trip(cfg):
+    assert from_hf_config(to_hf_config(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("cfg", "arch"), [(GPT2_CFG, "gpt2"), (LLAMA_CFG, "llama"), (BERT_CFG, "bert")], ids=["gpt2", "llama", "bert"]
+)
+def test_hf_arch_names_the_class(cfg, arch):
+    assert hf_arch(cfg) == arch
+
+
+@pytest.mark.parametrize(
+    ("base", "change", "field"),
+    [
+        (GPT2_CFG, dict(position="sinusoidal"), "position"),
+        (GPT2_CFG, dict(n_kv_heads=2), "n_kv_heads"),
+        (GPT2_CFG, dict(norm="rmsnorm"), "norm"),
+        (LLAMA_CFG, dict(activation="gelu"), "activation"),
+        (BERT_CFG, dict(norm_position="pre"), "norm_position"),
+    ],
+)
+def test_hf_arch_rejects_configs_without_equivalent(base, change, field):
+    with pytest.raises(ValueError, match=f"model.{field}="):
+        hf_arch(ModelConfig(**{**base.__dict__, **change}))
+
+
+def test_load_refuses_leftover_weights():
+    hf = hf_model(to_hf_config(GPT2_CFG))
+    with pytest.raises(ValueError, match="no place"):
+        load_hf_state_dict(GPT(GPT2_CFG), {**hf.state_dict(), "transformer.h.9.ln_1.weight": torch.ones(32)})
