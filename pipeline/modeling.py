@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from models.bert import BERT
-from models.gpt import GPT
-from models.layers import ModelConfig
+from models import BERT, GPT, ModelConfig
 from pipeline.config import Config
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.layers import activation_memory_bytes, flops_per_token, num_parameters
+from models import activation_memory_bytes, flops_per_token, num_parameters
 from pipeline.config import Config
 from pipeline.modeling import build_model, model_config
 
