@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from pipeline.config import ConfigError, config_reference_markdown, dump_config, load_config
@@ -55,6 +57,121 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.orchestrate import run_pipeline
+
+    config = _load(args)
+    results = run_pipeline(config, only=args.only, from_stage=args.from_stage)
+    _print_run_summary(config, results, args.config)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.orchestrate import run_pipeline
+
+    run_pipeline(_load(args), until="train")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from pipeline.orchestrate import run_pipeline
+
+    config_path = Path(args.run_dir) / "config.yaml"
+    config = load_config(config_path, args.overrides)
+    _print_run_summary(config, run_pipeline(config), str(config_path))
+    return 0
+
+
+def _print_run_summary(config, results: dict, config_path: str) -> None:
+    from pipeline.orchestrate import run_dir_of
+
+    summary = run_dir_of(config) / "eval" / "summary.txt"
+    if "eval" in results and summary.is_file():
+        print(summary.read_text(encoding="utf-8"), end="")
+    print(f"\nrun directory: {run_dir_of(config)}")
+    print(f"open the MLflow UI: pretrain ui {config_path}")
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from pipeline.tokenizer import tokenizer_stage
+
+    result = tokenizer_stage(_load(args))
+    print(f"tokenizer: {result.path}{' (reused)' if result.reused else ''}")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from pipeline.data import inspect_shards
+    from pipeline.shard import shard_stage
+
+    result = shard_stage(_load(args))
+    print(f"shards: {result.path}{' (reused)' if result.reused else ''}")
+    print(inspect_shards(result.path))
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from pipeline.data import inspect_shards
+
+    print(inspect_shards(args.shard_dir))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate_cli
+
+    print(evaluate_cli(Path(args.run_dir), checkpoint_tag=args.checkpoint, lm_eval_tasks=args.lm_eval,
+                       lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit), end="")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_hf
+
+    run_dir = Path(args.run_dir)
+    out = export_hf(load_config(run_dir / "config.yaml"), run_dir, Path(args.out), args.checkpoint)
+    print(f"exported {run_dir} to {out} (Hugging Face format)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.tracking import compare_runs, format_table
+
+    source = load_config(args.config) if args.config else (args.uri or _default_uri())
+    print(format_table(compare_runs(source, args.experiment, sort_by=args.sort)))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from pipeline.tracking import start_ui, stop_ui, tracking_uri
+
+    uri = tracking_uri(load_config(args.config)) if args.config else (args.uri or _default_uri())
+    log_path = Path(tempfile.gettempdir()) / f"pretrain-ui-{args.port}.log"
+    process, url = start_ui(uri, args.port, log_path)
+    print(f"MLflow UI for {uri}: {url}  (log: {log_path}; Ctrl-C stops it)", flush=True)
+    if process is None:
+        return 0
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        stop_ui(process)
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from pipeline.tracking import sync_run
+
+    sent = sync_run(Path(args.run_dir), uri=args.uri)
+    print(f"sent {sent} metric values from {args.run_dir}")
+    return 0
+
+
+def _default_uri() -> str:
+    from pipeline.tracking import tracking_uri
+
+    return tracking_uri(load_config(None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain", description="Pretrain GPT and BERT models: tokenizer -> shards -> DeepSpeed "
@@ -76,7 +193,67 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.set_defaults(func=cmd_plan)
+    _add_stage_commands(commands)
+    _add_run_dir_commands(commands)
+    _add_tracking_commands(commands)
     return parser
+
+
+def _add_stage_commands(commands) -> None:
+    run = commands.add_parser("run", help="run the pipeline: tokenizer -> shard -> train -> eval")
+    _add_config_args(run)
+    run.add_argument("--only", choices=STAGES, help="run just this stage (earlier ones must be done)")
+    run.add_argument("--from", dest="from_stage", choices=STAGES, help="start at this stage")
+    run.set_defaults(func=cmd_run)
+    for name, func, text in (("tokenizer", cmd_tokenizer, "train (or reuse) the BPE tokenizer"),
+                             ("shard", cmd_shard, "tokenize and pack the corpus into shards"),
+                             ("train", cmd_train, "train (resuming the run if it has a checkpoint)")):
+        stage = commands.add_parser(name, help=text)
+        _add_config_args(stage)
+        stage.set_defaults(func=func)
+    data = commands.add_parser("data", help="look at shard directories")
+    inspect = data.add_subparsers(dest="data_command", required=True, metavar="ACTION").add_parser(
+        "inspect", help="documents, tokens, bytes per token, validation share, shard sizes")
+    inspect.add_argument("shard_dir")
+    inspect.set_defaults(func=cmd_data_inspect)
+
+
+def _add_run_dir_commands(commands) -> None:
+    resume = commands.add_parser("resume", help="continue an unfinished run from its run directory")
+    resume.add_argument("run_dir")
+    resume.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="safe changes, e.g. train.max_steps")
+    resume.set_defaults(func=cmd_resume)
+    evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint (loss, perplexity, bits/byte)")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--checkpoint", help="checkpoint tag (default: latest)")
+    evaluate.add_argument("--lm-eval", nargs="+", metavar="TASK", help="lm-evaluation-harness tasks")
+    evaluate.add_argument("--lm-eval-include", help="directory of local lm-eval task YAML files")
+    evaluate.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task")
+    evaluate.set_defaults(func=cmd_eval)
+    export = commands.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
+    export.add_argument("run_dir")
+    export.add_argument("out")
+    export.add_argument("--format", choices=["hf"], default="hf")
+    export.add_argument("--checkpoint", help="checkpoint tag (default: latest)")
+    export.set_defaults(func=cmd_export)
+
+
+def _add_tracking_commands(commands) -> None:
+    compare = commands.add_parser("compare", help="a table of an experiment's runs from MLflow")
+    compare.add_argument("experiment", nargs="?", help="MLflow experiment (default: the config's)")
+    compare.add_argument("--config", help="take the tracking store and experiment from this config")
+    compare.add_argument("--uri", help="MLflow tracking URI (default: sqlite in ./work)")
+    compare.add_argument("--sort", default="val_loss", help="column to sort by; prefix - to reverse")
+    compare.set_defaults(func=cmd_compare)
+    ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print its URL")
+    ui.add_argument("config", nargs="?", help="take the tracking store from this config")
+    ui.add_argument("--uri", help="MLflow tracking URI")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    sync = commands.add_parser("sync", help="send metrics a tracking outage kept locally to MLflow")
+    sync.add_argument("run_dir")
+    sync.add_argument("--uri", help="send to this store instead of the run's own")
+    sync.set_defaults(func=cmd_sync)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,12 +261,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # every error ends in one line; the traceback goes to a file
+        return _report_error(exc)
+
+
+def _report_error(exc: Exception) -> int:
+    from pipeline.errors import is_user_error
+
+    if isinstance(exc, ConfigError) or is_user_error(exc):
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.NamedTemporaryFile("w", prefix="pretrain-error-", suffix=".txt", delete=False) as log:
+        traceback.print_exception(exc, file=log)
+    print(f"error: {exc} (traceback: {log.name})", file=sys.stderr)
+    return 1
 
 
 def _has_nvidia_gpu() -> bool:
