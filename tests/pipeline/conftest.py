@@ -1,0 +1,47 @@
+"""Shared fixtures for pipeline tests: a real `mlflow server` on 127.0.0.1."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from pipeline import tracking
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def restore_mlflow_request_env(monkeypatch):
+    """The tracker bounds MLflow's requests through os.environ; undo that after the test."""
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """start(port=None) -> (process, url): an `mlflow server` on a sqlite store in tmp_path. Calling it
+    again after a kill restarts the server on the same store (and the same port if given)."""
+    started = []
+
+    def start(port: int | None = None):
+        uri = f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}"
+        process, url = tracking.start_ui(uri, port or free_port(), tmp_path / "server.log")
+        started.append(process)
+        return process, url
+
+    yield start
+    for process in started:
+        tracking.stop_ui(process)
+
+
+@pytest.fixture
+def repo_artifacts_dir() -> Path:
+    """`test-artifacts/` in the repository root, where tests leave files for humans and CI."""
+    path = Path(__file__).resolve().parents[2] / "test-artifacts"
+    path.mkdir(exist_ok=True)
+    return path
