@@ -1,0 +1,168 @@
+"""Content-addressed stage artifacts: fingerprints, atomic writes and the stage cache.
+
+A stage's output lives in `<workdir>/cache/<stage>/<fingerprint>/` next to a `manifest.json`
+{stage, fingerprint, code_version, inputs, outputs, figures, created}. The fingerprint hashes
+everything the output depends on (config section, the stage's CODE_VERSION, input fingerprints),
+so equal fingerprints mean interchangeable outputs and a rerun reuses the directory.
+
+A build writes into a temporary sibling directory and renames it into place only once the
+manifest is written, so a killed build never leaves a directory that a later run would trust.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+MANIFEST = "manifest.json"
+FINGERPRINT_CHARS = 16
+_TEMP_PREFIX = ".tmp-"
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values give equal text on every machine."""
+    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def fingerprint(*parts: Any) -> str:
+    """Short hex sha256 over the canonical JSON of the parts (config sections, strings, dicts)."""
+    return hashlib.sha256(canonical_json(list(parts)).encode("utf-8")).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(_plain(value), indent=2, sort_keys=False) + "\n")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A stage's cached output directory, its manifest, and whether this call reused it."""
+    path: Path
+    manifest: dict
+    reused: bool
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+
+def stage_dir(workdir: str | Path, stage: str, fingerprint_: str) -> Path:
+    return Path(workdir).resolve() / "cache" / stage / fingerprint_
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """The manifest of a completed stage directory, or None if there is none (not a trusted artifact)."""
+    try:
+        return json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def build_stage(workdir: str | Path, stage: str, fingerprint_: str, *, code_version: str,
+                inputs: dict[str, str], build_fn: Callable[[Path], dict | None]) -> StageResult:
+    """Reuse `<workdir>/cache/<stage>/<fingerprint>/` if complete, else build it atomically.
+
+    `build_fn(temp_dir)` writes the stage's files into temp_dir and returns its figures (or None).
+    """
+    final = stage_dir(workdir, stage, fingerprint_)
+    manifest = read_manifest(final)
+    if manifest is not None and manifest.get("fingerprint") == fingerprint_:
+        print(f"reusing cached {stage} {fingerprint_} ({final})", flush=True)
+        return StageResult(final, manifest, reused=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(final.parent)
+    if final.exists():  # a directory without a valid manifest was not made by build_stage: distrust it
+        shutil.rmtree(final)
+    print(f"building {stage} {fingerprint_}", flush=True)
+    temp = final.parent / f"{_TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    temp.mkdir()
+    try:
+        figures = build_fn(temp) or {}
+        manifest = _manifest(stage, fingerprint_, code_version, inputs, temp, figures)
+        atomic_write_json(temp / MANIFEST, manifest)
+        return _publish(temp, final, manifest)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _manifest(stage: str, fingerprint_: str, code_version: str, inputs: dict[str, str], directory: Path,
+              figures: dict) -> dict:
+    outputs = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    return {
+        "stage": stage, "fingerprint": fingerprint_, "code_version": code_version, "inputs": dict(inputs),
+        "outputs": outputs, "figures": figures,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _publish(temp: Path, final: Path, manifest: dict) -> StageResult:
+    try:
+        os.rename(temp, final)
+    except OSError:
+        # Another process published the same fingerprint first; its output is interchangeable with ours.
+        theirs = read_manifest(final)
+        if theirs is None:
+            raise
+        return StageResult(final, theirs, reused=True)
+    return StageResult(final, manifest, reused=False)
+
+
+def remove_stale_temp_dirs(parent: Path) -> None:
+    """Delete temp dirs of builds killed on this host; other hosts' builds may still be running."""
+    for temp in parent.glob(f"{_TEMP_PREFIX}*"):
+        owner, _, host = temp.name[len(_TEMP_PREFIX):].partition("@")
+        pid = owner.split("-")[0]
+        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
