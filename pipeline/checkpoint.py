@@ -1,0 +1,217 @@
+"""Training checkpoints: directory layout, the `latest` pointer, retention, RNG states, resume checks.
+
+    <run_dir>/checkpoints/
+        latest                    the tag of the newest complete checkpoint, replaced atomically
+        step-00000500/
+            mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed engine state (every rank's shard)
+            trainer_state.json    step, tokens seen, loader state, world size, MLflow run id,
+                                  config fingerprint and the resolved config it was saved with
+            rng/rank-00000.pt     per-rank torch / numpy / python RNG states
+            COMPLETE              written by rank 0 after every rank finished (a barrier)
+
+A directory without COMPLETE is a checkpoint cut off by a crash: resume ignores it and the next save
+removes it. This module does no torch.distributed itself; the caller passes the engine's save function
+and a barrier, so it is testable in one process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, ConfigError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+_TAG = re.compile(r"^step-(\d{8})$")
+
+# Config keys a resumed run must keep: changing them changes the model, its parameters' layout in the
+# checkpoint, or the token stream. Everything else (max_steps, cadences, lr, ...) may change on resume.
+FROZEN_KEYS = ("model", "tokenizer", "data.sources", "data.val_permille", "data.shard_tokens",
+               "data.max_documents", "run.seed", "train.seq_len", "train.zero_stage", "train.precision",
+               "train.offload_optimizer", "train.offload_params")
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    """The tag `latest` points at, when that checkpoint is complete; None for a fresh run."""
+    pointer = checkpoints_dir(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text(encoding="utf-8").strip()
+    if not (checkpoints_dir(run_dir) / tag / COMPLETE).is_file():
+        raise FileNotFoundError(f"{pointer} names {tag!r}, which is not a complete checkpoint; point it at "
+                                f"a complete step-* directory or delete it to start over")
+    return tag
+
+
+def fingerprint(config: Config) -> str:
+    """sha256 of the frozen part of the config (FROZEN_KEYS)."""
+    frozen = {key: _lookup(config.model_dump(mode="json"), key) for key in FROZEN_KEYS}
+    return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
+def config_changes(saved: dict[str, Any], config: Config) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, new value)} for every leaf that differs."""
+    old, new = _flatten(saved), _flatten(config.model_dump(mode="json"))
+    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)}
+
+
+def check_resumable(changes: dict[str, tuple[Any, Any]], checkpoint: Path) -> None:
+    """Refuse changes of FROZEN_KEYS with a message naming the first such key."""
+    for key, (old, new) in changes.items():
+        if any(key == frozen or key.startswith(frozen + ".") for frozen in FROZEN_KEYS):
+            raise ConfigError(f"{key}: the run in {checkpoint.parent.parent} was trained with {old!r}, the "
+                              f"config now says {new!r}; a resumed run cannot change it. Set it back to "
+                              f"{old!r}, or use a new run.name to start a fresh run")
+
+
+def resume_point(run_dir: Path, config: Config) -> tuple[Path, dict, dict] | None:
+    """(checkpoint dir, trainer state, config changes) of `latest`, after checking that this config can
+    continue it; None for a fresh run. Cheap: call it before building anything."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    path = checkpoints_dir(run_dir) / tag
+    state = read_trainer_state(path)
+    changes = config_changes(state["config"], config)
+    check_resumable(changes, path)
+    return path, state, changes
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save(run_dir: Path, step: int, *, rank: int, save_engine: Callable[[Path, str], None],
+         barrier: Callable[[], None], trainer_state: dict[str, Any], keep: int) -> Path:
+    """Save a checkpoint of `step` (every rank calls this); returns its directory.
+
+    All ranks write their DeepSpeed shard and RNG states; rank 0 writes trainer_state.json; after a
+    barrier rank 0 marks it COMPLETE, moves `latest` to it and deletes all but the newest `keep`."""
+    root, tag = checkpoints_dir(run_dir), tag_for(step)
+    save_engine(root, tag)
+    path = root / tag
+    save_rng_state(path, rank)
+    if rank == 0:
+        _write_atomic(path / TRAINER_STATE, json.dumps(trainer_state, indent=1) + "\n")
+    barrier()
+    if rank == 0:
+        _write_atomic(path / COMPLETE, "")
+        _write_atomic(root / LATEST, tag + "\n")
+        prune(run_dir, keep)
+    return path
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete complete checkpoints older than the newest `keep`, and partial ones older than latest."""
+    root = checkpoints_dir(run_dir)
+    latest = latest_tag(run_dir)
+    complete = sorted(p for p in _tag_dirs(root) if (p / COMPLETE).is_file())
+    stale = complete[:-keep] + [p for p in _tag_dirs(root) if not (p / COMPLETE).is_file() and p.name < latest]
+    for path in stale:
+        if path.name != latest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Delete checkpoint directories a crash left without COMPLETE (rank 0, before training)."""
+    partial = [p for p in _tag_dirs(checkpoints_dir(run_dir)) if not (p / COMPLETE).is_file()]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def _tag_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and _TAG.match(p.name)) if root.is_dir() else []
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states
+
+
+def _rng_path(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / "rng" / f"rank-{rank:05d}.pt"
+
+
+def save_rng_state(checkpoint: Path, rank: int) -> None:
+    """torch (CPU and this rank's CUDA device), numpy and python RNG states of this rank."""
+    numpy_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": {"name": numpy_state[0], "keys": torch.from_numpy(numpy_state[1].copy()),
+                  "pos": numpy_state[2], "has_gauss": numpy_state[3], "cached_gaussian": numpy_state[4]},
+        "python": _python_state_to_tensors(random.getstate()),
+    }
+    path = _rng_path(checkpoint, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def load_rng_state(checkpoint: Path, rank: int) -> bool:
+    """Restore this rank's RNG states; False when the checkpoint has none for this rank (it was saved
+    with fewer ranks), in which case the caller's seeding stands."""
+    path = _rng_path(checkpoint, rank)
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(_python_state_from_tensors(state["python"]))
+    return True
+
+
+def _python_state_to_tensors(state: tuple) -> dict[str, Any]:
+    version, internal, gauss_next = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}
+
+
+def _python_state_from_tensors(state: dict[str, Any]) -> tuple:
+    return state["version"], tuple(int(x) for x in state["internal"].tolist()), state["gauss_next"]

@@ -1,0 +1,505 @@
+"""The train stage: DeepSpeed ZeRO training of a GPT or BERT on token shards.
+
+`train_worker(loop_config)` is the per-rank function. It only needs torch.distributed to be set up, so
+it runs in a Ray Train `TorchTrainer` worker group (`run_training`, the driver) and under torchrun:
+
+    torchrun --nproc_per_node 2 -m pipeline.train --run-dir RUN_DIR --shards SHARD_DIR
+
+where RUN_DIR holds the resolved `config.yaml`. Checkpoints, the `latest` pointer and their layout are
+described in pipeline/checkpoint.py.
+
+Resume. Starting a run whose directory holds a complete checkpoint resumes it: engine state, loader
+position, every rank's RNG states, step and tokens seen; with the same world size every later loss
+equals the uninterrupted run's bit for bit (fp32). Config changes are checked against the checkpoint:
+the model, tokenizer, data, seed, seq_len, ZeRO stage, precision and offload are refused, anything
+else (max_steps, cadences, learning rate, ...) is allowed and printed. The world size may change:
+the data position is mapped by global samples consumed (the loader's state), and per ZeRO stage
+- stage 0: weights and optimizer state are whole in every checkpoint: loaded as they are;
+- stages 1-3: optimizer state (and at stage 3 the weights) are partitioned by world size, and DeepSpeed
+  loads partitions only for the world size that wrote them (its `elastic_checkpoint` needs a `step` in
+  the optimizer's param groups, which torch's AdamW does not keep). Rank 0 therefore converts the
+  checkpoint to DeepSpeed's universal format first (`ds_to_universal`: seconds for small models, a full
+  copy of the model states on disk for large ones) and every rank loads its new partition from it.
+The global batch follows the new world size unless train.global_batch_size pins it; the loss curve
+continues but is not the old world size's bit for bit (different batches per step and reduction order).
+Ranks that did not exist when the checkpoint was saved start from the seeded RNG state.
+
+Checkpoint requests. SIGUSR1 to a worker asks for a checkpoint at the next step boundary; SIGTERM for a
+checkpoint and a clean stop. The driver forwards both by writing `<run_dir>/checkpoint_request`
+(Ray runs the training function outside the main thread, where no signal handler can be installed).
+All ranks agree on a request through one all-reduce per step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models import flops_per_token, num_parameters
+from pipeline import checkpoint, engine as ds_engine
+from pipeline.config import Config, ConfigError, dump_config, load_config
+from pipeline.data import BatchLoader, DataError, TokenDataset, check_vocab_fits
+from pipeline.ds_config import deepspeed_config
+from pipeline.modeling import build_model, model_config
+from pipeline.tracking import METRIC_TOKENS_PER_S, METRIC_TOKENS_SEEN, METRIC_TRAIN_LOSS, METRIC_VAL_LOSS, open_tracker
+
+FIGURES_FILE = "train_figures.json"
+REQUEST_FILE = "checkpoint_request"
+NO_REQUEST, CHECKPOINT, CHECKPOINT_AND_STOP = 0, 1, 2
+GIB = 1024**3
+
+# Dense bf16/fp16 tensor-core peak FLOP/s of one GPU (vendor data sheets, without sparsity), matched
+# against torch.cuda.get_device_name in this order. A hard-coded A100 figure gave "104% MFU" on H100s.
+GPU_PEAK_FLOPS = (
+    (r"H100.*PCIe", 756e12), (r"H100.*NVL", 835e12), (r"\b(H100|H200|GH200|H800)\b", 989e12),
+    (r"\bB200\b", 2250e12), (r"\bA100\b", 312e12), (r"\bA800\b", 312e12), (r"\bL40S\b", 362e12),
+    (r"\bL40\b", 181e12), (r"\bL4\b", 121e12), (r"\bA10\b", 125e12), (r"\bA30\b", 165e12),
+    (r"\bV100\b", 125e12), (r"\bT4\b", 65e12), (r"\bMI300X\b", 1307e12), (r"\bMI250X?\b", 383e12),
+)
+
+
+def peak_flops_per_device(configured: float | None, device: torch.device) -> float | None:
+    """train.peak_flops if set, else the table entry for this GPU; None when unknown (MFU not logged)."""
+    if configured is not None or device.type != "cuda":
+        return configured
+    name = torch.cuda.get_device_name(device)
+    return next((flops for pattern, flops in GPU_PEAK_FLOPS if re.search(pattern, name)), None)
+
+
+@dataclass
+class Run:
+    """Everything `setup` builds for one rank; `step` and `tokens_seen` advance during training."""
+
+    config: Config
+    run_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    engine: Any
+    loader: BatchLoader
+    val_dataset: TokenDataset
+    tracker: Any
+    flops_per_token: int
+    peak_flops: float | None
+    requests: CheckpointRequests
+    step: int = 0
+    tokens_seen: int = 0
+    resumed_from: int | None = None
+    val_loss: float | None = None
+    last_checkpoint: Path | None = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.train.global_batch_size * self.config.train.seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def train_worker(loop_config: dict[str, str]) -> dict[str, Any]:
+    """One rank's training, with torch.distributed already set up (Ray Train) or set up from the
+    torchrun environment here. loop_config: {"run_dir": ..., "shard_dir": ...}. Returns the figures
+    (rank 0 also writes them to `<run_dir>/train_figures.json`)."""
+    run_dir = Path(loop_config["run_dir"])
+    config = load_config(run_dir / "config.yaml")
+    run = setup(config, run_dir, Path(loop_config["shard_dir"]))
+    try:
+        figures = train(run)
+    except BaseException:
+        run.tracker.finish("FAILED")
+        raise
+    finally:
+        run.requests.close()
+    run.tracker.finish("FINISHED")
+    return figures
+
+
+def setup(config: Config, run_dir: Path, shard_dir: Path) -> Run:
+    """Process group, resume checks, data, model, DeepSpeed engine, tracker; then load `latest` if any."""
+    device = ds_engine.init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size != config.data_parallel_size:
+        raise ConfigError(f"cluster.num_workers={config.data_parallel_size} but {world_size} processes were "
+                          f"started; set cluster.num_workers={world_size} (the batch sizes derive from it)")
+    if rank == 0:
+        checkpoint.remove_partial(run_dir)
+    dist.barrier()
+    point = checkpoint.resume_point(run_dir, config)
+    reshard = point is not None and point[1]["world_size"] != world_size and config.train.zero_stage > 0
+    dataset = TokenDataset(shard_dir, "train", verify_checksums=config.data.verify_checksums)
+    check_vocab_fits(dataset, config.model.vocab_size)
+    ds_config = deepspeed_config(config.train, world_size, num_parameters=_count_parameters(config),
+                                 d_model=config.model.d_model, on_gpu=device.type == "cuda", load_universal=reshard)
+    model = ds_engine.create_model(config, ds_config)
+    run = Run(config=config, run_dir=run_dir, rank=rank, world_size=world_size, device=device,
+              engine=ds_engine.initialize(model, config.train, ds_config),
+              loader=make_loader(dataset, config, rank, world_size),
+              val_dataset=TokenDataset(shard_dir, "val"), tracker=open_tracker(config, run_dir, rank=rank),
+              flops_per_token=flops_per_token(model_config(config), config.train.seq_len),
+              peak_flops=peak_flops_per_device(config.train.peak_flops, device),
+              requests=CheckpointRequests(run_dir, rank))
+    seed_rank(config.run.seed, rank)
+    resume(run, point, reshard)
+    return run
+
+
+def _count_parameters(config: Config) -> int:
+    with torch.device("meta"):
+        return num_parameters(build_model(config))
+
+
+def make_loader(dataset: TokenDataset, config: Config, rank: int, world_size: int, *,
+                shuffle: bool = True) -> BatchLoader:
+    t = config.train
+    return BatchLoader(dataset, family=config.model.family, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+                       rank=rank, world_size=world_size, seed=config.run.seed, shuffle=shuffle,
+                       **special_tokens(dataset))
+
+
+def special_tokens(dataset: TokenDataset) -> dict[str, Any]:
+    """BERT masking needs the [MASK] id and the ids never to mask, from the shards' copy of the tokenizer."""
+    if dataset.index["family"] != "bert":
+        return {}
+    from pipeline.shard import SHARD_TOKENIZER_DIR
+    from pipeline.tokenizer import special_token_ids
+
+    special = special_token_ids(dataset.shard_dir / SHARD_TOKENIZER_DIR, "bert")
+    return {"mask_token_id": special.mask, "special_token_ids": special.all}
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Per-rank streams for dropout and anything else random in the loop (the model is already built)."""
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(run: Run) -> dict[str, Any]:
+    """Optimizer steps until max_steps or a stop request; logs, evaluates and checkpoints on cadence."""
+    t = run.config.train
+    meter = Meter(run)
+    stop = False
+    while run.step < t.max_steps and not stop:
+        started, lr = time.perf_counter(), ds_engine.current_lr(run.engine)
+        loss, grad_norm = train_step(run.engine, run.loader, t.grad_accum_steps, run.device)
+        request = run.requests.agreed(run.device)
+        meter.add(loss, grad_norm, lr, time.perf_counter() - started)
+        run.step += 1
+        run.tokens_seen += run.tokens_per_step
+        if run.step % t.log_every == 0:
+            log_metrics(run, meter.flush())
+        if t.eval_every and (run.step % t.eval_every == 0 or run.step == t.max_steps):
+            run.val_loss = evaluate(run)
+            log_metrics(run, {METRIC_VAL_LOSS: run.val_loss})
+        stop = request == CHECKPOINT_AND_STOP
+        if request or run.step == t.max_steps or (t.checkpoint_every and run.step % t.checkpoint_every == 0):
+            save_checkpoint(run)
+    return finish(run, meter, stopped=stop)
+
+
+def train_step(engine, loader: BatchLoader, accum_steps: int, device: torch.device):
+    """One optimizer step over `accum_steps` micro-batches; returns (mean loss, grad norm) unsynced."""
+    total = torch.zeros((), device=device)
+    for micro_step in range(accum_steps):
+        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in loader.next_batch().items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        total += loss.detach()
+        if micro_step < accum_steps - 1:
+            engine.step()  # DeepSpeed counts micro-steps; the update happens at the boundary below
+    return total / accum_steps, ds_engine.optimizer_step(engine)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss over the first eval_batches micro-batches per rank of the validation split, in order
+    (the same samples every time), averaged over ranks."""
+    loader = make_loader(run.val_dataset, run.config, run.rank, run.world_size, shuffle=False)
+    run.engine.eval()
+    total = torch.zeros((), device=run.device)
+    for _ in range(run.config.train.eval_batches):
+        batch = {name: tensor.to(run.device) for name, tensor in loader.next_batch().items()}
+        total += run.engine(**batch).loss
+    run.engine.train()
+    dist.all_reduce(total)
+    return total.item() / (run.config.train.eval_batches * run.world_size)
+
+
+def finish(run: Run, meter: Meter, *, stopped: bool) -> dict[str, Any]:
+    """The run's figures; rank 0 also writes them to train_figures.json."""
+    figures = meter.summary() | {
+        "steps": run.step, "tokens_seen": run.tokens_seen, "val_loss": run.val_loss, "world_size": run.world_size,
+        "resumed_from_step": run.resumed_from, "stopped_on_request": stopped,
+        "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
+    }
+    if run.rank == 0:
+        (run.run_dir / FIGURES_FILE).write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class Meter:
+    """Loss, grad norm, throughput, MFU and memory over the steps since the last log line. Step times
+    exclude evaluation and checkpoints; on GPU the window ends with the loss sync, whose wait counts."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.losses: list[torch.Tensor] = []
+        self.grad_norm, self.lr = None, None
+        self.window_seconds = 0.0
+        self.total_seconds, self.total_steps = 0.0, 0
+        self.last_loss: float | None = None
+
+    def add(self, loss: torch.Tensor, grad_norm, lr: float, seconds: float) -> None:
+        self.losses.append(loss)
+        self.grad_norm, self.lr = grad_norm, lr
+        self.window_seconds += seconds
+
+    def flush(self) -> dict[str, float | None]:
+        """Metrics of the window (one all-reduce for the loss), then start a new window."""
+        run, steps, started = self.run, len(self.losses), time.perf_counter()
+        loss = torch.stack(self.losses).sum()
+        dist.all_reduce(loss)
+        self.last_loss = loss.item() / (steps * run.world_size)
+        seconds = self.window_seconds + time.perf_counter() - started
+        self.total_seconds, self.total_steps = self.total_seconds + seconds, self.total_steps + steps
+        tokens_per_s = steps * run.tokens_per_step / seconds
+        metrics = {
+            METRIC_TRAIN_LOSS: self.last_loss, "train/lr": self.lr,
+            "train/grad_norm": None if self.grad_norm is None else float(self.grad_norm),
+            METRIC_TOKENS_PER_S: tokens_per_s, METRIC_TOKENS_SEEN: run.tokens_seen,
+            "train/mfu": mfu(tokens_per_s, run), "train/step_time_s": seconds / steps,
+            **memory_metrics(run.device),
+        }
+        self.losses, self.window_seconds = [], 0.0
+        return metrics
+
+    def summary(self) -> dict[str, Any]:
+        tokens_per_s = self.total_steps * self.run.tokens_per_step / self.total_seconds if self.total_steps else None
+        return {"train_loss": self.last_loss, "tokens_per_s": tokens_per_s,
+                "mfu": mfu(tokens_per_s, self.run) if tokens_per_s else None,
+                "train_seconds": round(self.total_seconds, 3)}
+
+
+def mfu(tokens_per_s: float, run: Run) -> float | None:
+    """Model FLOPs utilization: achieved training FLOP/s over the peak of all devices."""
+    if run.peak_flops is None:
+        return None
+    return run.flops_per_token * tokens_per_s / (run.peak_flops * run.world_size)
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """GPU: allocated and peak allocated; CPU: resident set size now and at its peak (this rank)."""
+    if device.type == "cuda":
+        return {"train/memory_allocated_gib": torch.cuda.memory_allocated(device) / GIB,
+                "train/memory_peak_gib": torch.cuda.max_memory_allocated(device) / GIB}
+    with open("/proc/self/statm") as statm:
+        rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"train/rss_gib": rss / GIB, "train/rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def log_metrics(run: Run, metrics: dict[str, float | None]) -> None:
+    """Rank 0: to the tracker (and metrics.jsonl) and one console line."""
+    if run.rank != 0:
+        return
+    known = {name: value for name, value in metrics.items() if value is not None}
+    run.tracker.log_metrics(known, step=run.step)
+    shown = " | ".join(f"{name.removeprefix('train/')} {value:.4g}" for name, value in known.items())
+    print(f"step {run.step}/{run.config.train.max_steps} | {shown}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, resume and requests
+
+
+def save_checkpoint(run: Run) -> None:
+    run.last_checkpoint = checkpoint.save(
+        run.run_dir, run.step, rank=run.rank, barrier=dist.barrier, keep=run.config.train.keep_checkpoints,
+        save_engine=lambda root, tag: ds_engine.save_checkpoint(run.engine, root, tag),
+        trainer_state={"step": run.step, "tokens_seen": run.tokens_seen, "loader": run.loader.state_dict(),
+                       "world_size": run.world_size, "mlflow_run_id": run.tracker.run_id,
+                       "config_fingerprint": checkpoint.fingerprint(run.config),
+                       "config": run.config.model_dump(mode="json")})
+
+
+def resume(run: Run, point: tuple[Path, dict, dict] | None, reshard: bool) -> None:
+    """Load the checkpoint `checkpoint.resume_point` found (engine, loader, RNG, counters) and print
+    the config changes it allowed. `reshard`: ZeRO partitions of another world size, loaded through
+    DeepSpeed's universal format (converted by rank 0 next to the checkpoint, then deleted)."""
+    if point is None:
+        return
+    path, state, changes = point
+    load_dir = path.parent / "universal" if reshard else path.parent
+    if reshard and run.rank == 0:
+        shutil.rmtree(load_dir, ignore_errors=True)  # debris of an interrupted conversion
+        ds_engine.convert_to_universal(path, load_dir / path.name)
+    dist.barrier()
+    ds_engine.load_checkpoint(run.engine, load_dir, path.name)
+    dist.barrier()
+    if reshard and run.rank == 0:
+        shutil.rmtree(load_dir)
+    run.loader.load_state_dict(state["loader"])
+    checkpoint.load_rng_state(path, run.rank)
+    run.step = run.resumed_from = state["step"]
+    run.tokens_seen, run.last_checkpoint = state["tokens_seen"], path
+    if run.rank == 0:
+        print(f"resumed from {path} (step {run.step}, {run.tokens_seen:,} tokens)", flush=True)
+        for key, (old, new) in changes.items():
+            print(f"resume: {key} changed from {old!r} to {new!r}", flush=True)
+        run.tracker.set_tags({"train.resumed_from_step": run.step})
+
+
+class CheckpointRequests:
+    """SIGUSR1 -> checkpoint at the next step boundary; SIGTERM -> checkpoint and stop. Also reads
+    `<run_dir>/checkpoint_request` (written by the driver on the same signals)."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path, self.rank, self.flag = Path(run_dir) / REQUEST_FILE, rank, NO_REQUEST
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGUSR1, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.flag = max(self.flag, CHECKPOINT_AND_STOP if signum == signal.SIGTERM else CHECKPOINT)
+
+    def agreed(self, device: torch.device) -> int:
+        """The strongest request of any rank (one small all-reduce); clears it."""
+        local = self.flag
+        if self.rank == 0 and self.path.exists():
+            local = max(local, CHECKPOINT_AND_STOP if self.path.read_text().strip() == "stop" else CHECKPOINT)
+            self.path.unlink(missing_ok=True)
+        flag = torch.tensor(local, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.flag = NO_REQUEST
+        return int(flag.item())
+
+    def close(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: a Ray Train worker group
+
+
+def run_training(config: Config, shard_dir: Path, run_dir: Path) -> dict[str, Any]:
+    """Train in a Ray Train TorchTrainer worker group (cluster.num_workers ranks, gloo on CPU, NCCL on
+    GPU) attached to the running Ray, or to cluster.address, or to an embedded local Ray; returns the
+    figures of train_worker. Resumes when run_dir holds a checkpoint."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir, c = Path(run_dir).resolve(), config.cluster
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    (run_dir / FIGURES_FILE).unlink(missing_ok=True)
+    resources = {"CPU": c.cpus_per_worker} | ({"GPU": 1} if c.use_gpu else {})
+    trainer = TorchTrainer(
+        train_worker, train_loop_config={"run_dir": str(run_dir), "shard_dir": str(Path(shard_dir).resolve())},
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        run_config=RunConfig(name="train", storage_path=str(run_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=c.max_failures)))
+    with ray_connection(config), forward_signals(run_dir):
+        trainer.fit()
+    return json.loads((run_dir / FIGURES_FILE).read_text(encoding="utf-8"))
+
+
+@contextmanager
+def ray_connection(config: Config):
+    """Use the Ray this process is connected to, else attach to cluster.address, else start an
+    embedded one (stopped again on exit)."""
+    import tempfile
+
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    c = config.cluster
+    if c.address:
+        ray.init(address=c.address)
+    else:
+        needed = int(np.ceil(c.num_workers * c.cpus_per_worker))
+        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
+                 _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),  # short: unix socket paths
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def forward_signals(run_dir: Path):
+    """While the workers train, SIGUSR1/SIGTERM to this driver become a checkpoint request file."""
+    def forward(signum, frame):
+        (run_dir / REQUEST_FILE).write_text("stop" if signum == signal.SIGTERM else "checkpoint")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`torchrun ... -m pipeline.train --run-dir DIR --shards DIR`. Ends with destroy_process_group()
+    and os._exit: about 1 in 20 two-rank runs otherwise aborted at interpreter exit ("terminate called
+    without an active exception") while background threads were torn down."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", required=True, help="run directory holding the resolved config.yaml")
+    parser.add_argument("--shards", required=True, help="shard directory (holding index.json)")
+    args = parser.parse_args(argv)
+    code = 0
+    try:
+        train_worker({"run_dir": args.run_dir, "shard_dir": args.shards})
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
