@@ -8,23 +8,64 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
     """A config problem, already phrased as one line that names the file, the key and the fix."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(_one_line(message))
+
+
+def _one_line(text: str) -> str:
+    """Escape newlines and other unprintable characters, which YAML keys and CLI arguments may hold."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads true/false/yes/no/on/off as booleans, which pydantic would take as 1 and 0."""
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_number", "expected a number, not a boolean (YAML reads "
+                                      "true/false/yes/no/on/off as booleans)")
+        return value
+
+
+def _is_number(annotation: Any) -> bool:
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType, Literal) else (annotation,)
+    return any(option in (int, float) or type(option) is int for option in options)
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _check_json(value: Any, key: str, open_ids: set[int]) -> None:
+    """DeepSpeed configs are JSON: strings, finite numbers, booleans, null, lists, string-keyed mappings."""
+    if isinstance(value, (dict, list)):
+        _check(id(value) not in open_ids, f"{key} contains itself (a YAML alias loop); write it out")
+        open_ids.add(id(value))
+        for item_key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+            _check(isinstance(item_key, str) or isinstance(value, list),
+                   f"{key} has the non-string key {item_key!r}; quote it")
+            _check_json(item, f"{key}.{item_key}", open_ids)
+        open_ids.discard(id(value))
+        return
+    _check(value is None or isinstance(value, (str, int)) or isinstance(value, float) and math.isfinite(value),
+           f"{key}={_shown(value)} is not a JSON value (string, finite number, boolean, null, list or "
+           "mapping); quote it")
 
 
 class RunConfig(Section):
@@ -54,7 +95,7 @@ class SourceConfig(Section):
 
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(
-        default_factory=lambda: [SourceConfig(path="builtin:python-stdlib")],
+        default_factory=lambda: [SourceConfig(path="builtin:python-stdlib")], min_length=1,
         description="The corpus: one or more sources, mixed by weight.")
     val_permille: int = Field(20, ge=0, le=500, description="Documents per thousand assigned to "
                               "validation, by a stable hash of the document text.")
@@ -172,6 +213,12 @@ class TrainConfig(Section):
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config keys merged "
                                       "over the derived config (a warning names each overridden key).")
 
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_is_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_json(value, "train.deepspeed", set())
+        return value
+
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
         _check(self.offload_params is False or self.zero_stage == 3,
@@ -242,6 +289,8 @@ class Config(Section):
                f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         self._resolve_batch()
         tokens_per_step = t.global_batch_size * t.seq_len
+        _check(t.max_tokens is None or t.max_tokens >= tokens_per_step, f"train.max_tokens={t.max_tokens} is "
+               f"less than one optimizer step ({tokens_per_step} tokens = global batch x seq_len); raise it")
         if t.max_steps is not None and t.max_tokens is not None:
             _check(t.max_tokens // tokens_per_step == t.max_steps, f"train.max_steps={t.max_steps} and "
                    f"train.max_tokens={t.max_tokens} disagree ({tokens_per_step} tokens per step); give one")
@@ -281,31 +330,58 @@ class Config(Section):
 # Loading, overrides and error formatting
 
 
-def _format_validation_error(error: ValidationError, source: str, raw: dict[str, Any]) -> str:
+def _format_validation_error(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc, value = first["loc"], first.get("input")
+    if first["type"] == "invalid_key":  # a key that is no string: show it as written (False, not 0)
+        loc = (*loc[:-1], value)
+    if first["type"] == "string_unicode" and _model_at(loc) is not None:
+        loc = (*loc, value)  # a key that is no valid string
+    if first["type"] in ("extra_forbidden", "invalid_key", "string_unicode"):
+        return f"{source}: unknown key `{_dotted(loc)}`{_suggest(loc)}; remove it or fix its spelling"
+    if loc and loc[-1] == "[key]":  # a key of a free-form mapping such as train.deepspeed
+        return f"{source}: {_dotted(loc[:-2])} has the non-string key {_shown(value)}; quote it"
     message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key `{loc}`{_suggest(first['loc'], raw)}; remove it or fix its spelling"
-    if first["type"] == "value_error" and not loc:
-        return f"{source}: {message}"
     if first["type"] == "value_error":
         return f"{source}: {message}"
-    value = first.get("input")
-    shown = "" if value is None or isinstance(value, dict) else f"={value!r}"
-    return f"{source}: {loc}{shown}: {message}"
+    shown = "" if value is None or isinstance(value, dict) else f"={_shown(value)}"
+    return f"{source}: {_dotted(loc) or 'the top level'}{shown}: {message}"
 
 
-def _suggest(loc: tuple, raw: dict[str, Any]) -> str:
-    section = SECTIONS.get(str(loc[0])) if len(loc) == 2 else None
-    if section is None and len(loc) == 1:
-        names = list(SECTIONS)
-    elif section is not None:
-        names = list(section.model_fields)
-    else:
-        return ""
-    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-    return f" (did you mean `{'.'.join(map(str, loc[:-1] + (close[0],)))}`?)" if close else ""
+def _dotted(loc: tuple | list) -> str:
+    return ".".join(str(part) if part != "" else "''" for part in loc)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _suggest(loc: tuple) -> str:
+    model = _model_at(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1) if model else []
+    return f" (did you mean `{_dotted((*loc[:-1], close[0]))}`?)" if close else ""
+
+
+def _is_model(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
+
+
+def _child_type(kind: Any, key: Any) -> Any:
+    """The declared type one step below `kind`: a model's field, a list's item, a mapping's value."""
+    if _is_model(kind):
+        field = kind.model_fields.get(key) if isinstance(key, str) else None
+        return field.annotation if field is not None else Any
+    args = get_args(kind)
+    return args[-1] if get_origin(kind) in (list, dict) and args else Any
+
+
+def _model_at(loc: tuple | list) -> type[BaseModel] | None:
+    """The section model at a key path (`("data", "sources", 0)` -> SourceConfig), or None."""
+    kind: Any = Config
+    for part in loc:
+        kind = _child_type(kind, part)
+    return kind if _is_model(kind) else None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -316,44 +392,48 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     keys = path.strip().split(".")
     if len(keys) < 2 or keys[0] not in SECTIONS:
         raise ConfigError(f"override `{text}`: the key must start with one of {', '.join(SECTIONS)}")
-    try:
-        return keys, yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override `{text}`: the value is not valid YAML ({exc.problem})") from None
+    return keys, _safe_load(value, f"override `{text}`: the value is") if value.strip() else None
 
 
 def apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     """Set raw[k0][k1]...= value; path segments must name existing fields (list items by index)."""
     node: Any = raw
-    model: type[BaseModel] | None = Config
-    for depth, key in enumerate(keys[:-1]):
-        node, model = _descend(node, model, key, keys[: depth + 1])
-    last = keys[-1]
-    if isinstance(node, list):
-        node[_list_index(node, last, keys)] = value
-        return
-    if model is not None and last not in model.model_fields:
-        close = difflib.get_close_matches(last, list(model.model_fields), n=1)
-        hint = f" (did you mean `{'.'.join(keys[:-1] + [close[0]])}`?)" if close else ""
-        raise ConfigError(f"override: unknown key `{'.'.join(keys)}`{hint}")
-    node[last] = value
+    kind: Any = Config
+    for depth in range(1, len(keys)):
+        node, kind = _descend(node, kind, keys[:depth])
+    node[_slot(node, kind, keys)] = value
 
 
-def _descend(node: Any, model: type[BaseModel] | None, key: str, path: list[str]):
+def _descend(node: Any, kind: Any, path: list[str]) -> tuple[Any, Any]:
     """One step down the raw dict, materializing defaults so `data.sources.0.path=x` works."""
-    if isinstance(node, list):
-        return node[_list_index(node, key, path)], SourceConfig
-    if model is None:  # free-form mapping such as train.deepspeed
-        return node.setdefault(key, {}), None
-    if key not in model.model_fields:
-        raise ConfigError(f"override: unknown key `{'.'.join(path)}`")
-    field = model.model_fields[key]
-    if node.get(key) is None:
-        default = field.get_default(call_default_factory=True)
-        node[key] = _plain(default) if default is not None else {}
-    child = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
-        else None
-    return node[key], child
+    slot, child = _slot(node, kind, path), _child_type(kind, path[-1])
+    if _is_model(kind):
+        if not (_is_model(child) or get_origin(child) in (list, dict)):
+            raise ConfigError(f"override: `{_dotted(path)}` is a single value with no keys below it; "
+                              f"set it as {_dotted(path)}=VALUE")
+        if node.get(slot) is None:
+            default = kind.model_fields[slot].get_default(call_default_factory=True)
+            node[slot] = _plain(default) if default is not None else {}
+    elif isinstance(node, dict):  # free-form mapping such as train.deepspeed
+        node.setdefault(slot, {})
+    return node[slot], child
+
+
+def _slot(node: Any, kind: Any, path: list[str]) -> str | int:
+    """The dict key or list index that path[-1] names in node, or a ConfigError saying why none."""
+    key = path[-1]
+    free = kind is Any and isinstance(node, list)  # a list inside a free-form mapping
+    expected = list if get_origin(kind) is list or free else dict
+    if not isinstance(node, expected):
+        raise ConfigError(f"override: cannot set `{_dotted(path)}`: `{_dotted(path[:-1])}` is {_shown(node)}, "
+                          f"not a {'list' if expected is list else 'mapping'}; fix the file or override it whole")
+    if expected is list:
+        return _list_index(node, key, path)
+    if _is_model(kind) and key not in kind.model_fields:
+        close = difflib.get_close_matches(key, list(kind.model_fields), n=1)
+        hint = f" (did you mean `{_dotted(path[:-1] + [close[0]])}`?)" if close else ""
+        raise ConfigError(f"override: unknown key `{_dotted(path)}`{hint}")
+    return key
 
 
 def _plain(value: Any) -> Any:
@@ -365,8 +445,11 @@ def _plain(value: Any) -> Any:
 
 
 def _list_index(node: list, key: str, path: list[str]) -> int:
-    if not key.isdigit() or int(key) >= len(node):
-        raise ConfigError(f"override: `{'.'.join(path)}` needs an index from 0 to {len(node) - 1}")
+    if not node:
+        raise ConfigError(f"override: `{_dotted(path)}` indexes an empty list; set the whole list instead, "
+                          f"e.g. {_dotted(path[:-1])}=[...]")
+    if not (key.isascii() and key.isdigit()) or int(key) >= len(node):
+        raise ConfigError(f"override: `{_dotted(path)}` needs an index from 0 to {len(node) - 1}")
     return int(key)
 
 
@@ -380,7 +463,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source, raw)) from None
+        raise ConfigError(_format_validation_error(exc, source)) from None
     if config.run.name is None:
         config.run.name = Path(path).stem if path is not None else "default"
     return config
@@ -391,14 +474,32 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file; see configs/ for presets")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raw = _safe_load(path.read_text(encoding="utf-8"), f"{path}:")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8; "
+                          "save the file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from None
+    if raw is None:  # an empty file: all defaults
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
     return raw
+
+
+def _safe_load(text: str, what: str) -> Any:
+    """yaml.safe_load; a problem ends in `<what> not valid YAML (line N: what PyYAML found)`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:
+        char = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        problem = f"character {char!r} at offset {exc.position}: {exc.reason}"
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = (f"line {mark.line + 1}: " if mark else "") + (getattr(exc, "problem", None) or str(exc))
+    except RecursionError:
+        problem = "nested too deeply"
+    raise ConfigError(f"{what} not valid YAML ({problem})")
 
 
 def dump_config(config: Config) -> str:
