@@ -11,6 +11,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from launch.slurm import add_slurm_commands
 from pipeline.config import ConfigError, config_reference_markdown, dump_config, load_config
 
 STAGES = ("tokenizer", "shard", "train", "eval")
@@ -62,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     results = run_pipeline(config, only=args.only, from_stage=args.from_stage)
-    _print_run_summary(config, results, args.config)
+    _print_run_summary(config, results)
     return 0
 
 
@@ -78,18 +79,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     config_path = Path(args.run_dir) / "config.yaml"
     config = load_config(config_path, args.overrides)
-    _print_run_summary(config, run_pipeline(config), str(config_path))
+    _print_run_summary(config, run_pipeline(config))
     return 0
 
 
-def _print_run_summary(config, results: dict, config_path: str) -> None:
-    from pipeline.orchestrate import run_dir_of
+def _print_run_summary(config, results: dict) -> None:
+    from pipeline.orchestrate import absolute_paths, run_dir_of
 
-    summary = run_dir_of(config) / "eval" / "summary.txt"
+    run_dir = run_dir_of(absolute_paths(config))
+    summary = run_dir / "eval" / "summary.txt"
     if "eval" in results and summary.is_file():
         print(summary.read_text(encoding="utf-8"), end="")
-    print(f"\nrun directory: {run_dir_of(config)}")
-    print(f"open the MLflow UI: pretrain ui {config_path}")
+    print(f"\nrun directory: {run_dir}")
+    # The run's resolved config names the store even when the command line overrode the workdir.
+    print(f"open the MLflow UI: pretrain ui {run_dir / 'config.yaml'}")
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
@@ -118,10 +121,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate_cli
+    from pipeline.orchestrate import evaluate_existing_run
 
-    print(evaluate_cli(Path(args.run_dir), checkpoint_tag=args.checkpoint, lm_eval_tasks=args.lm_eval,
-                       lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit), end="")
+    run_dir = Path(args.run_dir)
+    tasks = [task for item in args.lm_eval for task in item.split(",") if task] if args.lm_eval else None
+    evaluate_existing_run(run_dir, args.checkpoint, lm_eval_tasks=tasks,
+                          lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
+    print((run_dir / "eval" / "summary.txt").read_text(), end="")
     return 0
 
 
@@ -196,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_commands(commands)
     _add_run_dir_commands(commands)
     _add_tracking_commands(commands)
+    add_slurm_commands(commands)
     return parser
 
 
@@ -226,7 +233,8 @@ def _add_run_dir_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint (loss, perplexity, bits/byte)")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--checkpoint", help="checkpoint tag (default: latest)")
-    evaluate.add_argument("--lm-eval", nargs="+", metavar="TASK", help="lm-evaluation-harness tasks")
+    evaluate.add_argument("--lm-eval", nargs="+", metavar="TASKS",
+                          help="lm-evaluation-harness tasks (space or comma separated)")
     evaluate.add_argument("--lm-eval-include", help="directory of local lm-eval task YAML files")
     evaluate.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task")
     evaluate.set_defaults(func=cmd_eval)

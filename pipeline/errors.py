@@ -9,9 +9,9 @@ def is_user_error(exc: BaseException) -> bool:
     run's logs/) and missing or unwritable files."""
     from pipeline.data import DataError
     from pipeline.export import ExportError
-    from pipeline.orchestrate import StageFailed
+    from pipeline.orchestrate import RunStopped, StageFailed
     from pipeline.tracking import TrackingError
 
-    known = (ConfigError, DataError, ExportError, StageFailed, TrackingError, FileNotFoundError,
+    known = (ConfigError, DataError, ExportError, RunStopped, StageFailed, TrackingError, FileNotFoundError,
              NotADirectoryError, PermissionError)
     return isinstance(exc, known)

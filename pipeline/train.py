@@ -54,6 +54,7 @@ import torch.distributed as dist
 
 from models import flops_per_token, num_parameters
 from pipeline import checkpoint, engine as ds_engine
+from pipeline.artifacts import atomic_write_json
 from pipeline.config import Config, ConfigError, dump_config, load_config
 from pipeline.data import BatchLoader, DataError, TokenDataset, check_vocab_fits
 from pipeline.ds_config import deepspeed_config
@@ -61,6 +62,7 @@ from pipeline.modeling import build_model, model_config
 from pipeline.tracking import METRIC_TOKENS_PER_S, METRIC_TOKENS_SEEN, METRIC_TRAIN_LOSS, METRIC_VAL_LOSS, open_tracker
 
 FIGURES_FILE = "train_figures.json"
+DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 REQUEST_FILE = "checkpoint_request"
 NO_REQUEST, CHECKPOINT, CHECKPOINT_AND_STOP = 0, 1, 2
 GIB = 1024**3
@@ -148,6 +150,8 @@ def setup(config: Config, run_dir: Path, shard_dir: Path) -> Run:
     check_vocab_fits(dataset, config.model.vocab_size)
     ds_config = deepspeed_config(config.train, world_size, num_parameters=_count_parameters(config),
                                  d_model=config.model.d_model, on_gpu=device.type == "cuda", load_universal=reshard)
+    if rank == 0:  # the exact JSON DeepSpeed got, for the run's records
+        atomic_write_json(run_dir / DEEPSPEED_CONFIG_FILE, ds_config)
     model = ds_engine.create_model(config, ds_config)
     run = Run(config=config, run_dir=run_dir, rank=rank, world_size=world_size, device=device,
               engine=ds_engine.initialize(model, config.train, ds_config),
@@ -415,6 +419,8 @@ def run_training(config: Config, shard_dir: Path, run_dir: Path) -> dict[str, An
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.orchestrate import ray_connection
+
     run_dir, c = Path(run_dir).resolve(), config.cluster
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
@@ -429,31 +435,6 @@ def run_training(config: Config, shard_dir: Path, run_dir: Path) -> dict[str, An
     with ray_connection(config), forward_signals(run_dir):
         trainer.fit()
     return json.loads((run_dir / FIGURES_FILE).read_text(encoding="utf-8"))
-
-
-@contextmanager
-def ray_connection(config: Config):
-    """Use the Ray this process is connected to, else attach to cluster.address, else start an
-    embedded one (stopped again on exit)."""
-    import tempfile
-
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    c = config.cluster
-    if c.address:
-        ray.init(address=c.address)
-    else:
-        needed = int(np.ceil(c.num_workers * c.cpus_per_worker))
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),  # short: unix socket paths
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @contextmanager

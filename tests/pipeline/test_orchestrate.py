@@ -1,0 +1,193 @@
+"""`pretrain run` end to end: a real local Ray, 2 DeepSpeed training workers, a sqlite MLflow store.
+
+Two runs share one workdir: the second (a different model) must reuse the first's cached tokenizer and
+shards. Then `pretrain eval` on an older checkpoint, `pretrain compare`, a stage failure, and a run
+stopped by SIGTERM during training that `pretrain resume` finishes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.orchestrate import checkpoint_requests_outside_training
+
+REPO = Path(__file__).resolve().parents[2]
+PRESET = str(REPO / "configs" / "gpt-tiny.yaml")
+MAX_STEPS = 20
+# gpt-tiny on 120 stdlib files with a 512-token vocabulary and a 2-layer, 64-wide model: ~25 s a run.
+TINY = ["data.max_documents=120", "data.val_permille=100", "tokenizer.vocab_size=512",
+        "tokenizer.sample_bytes=1000000", "model.n_layers=2", "model.d_model=64", "model.n_heads=2",
+        f"train.max_steps={MAX_STEPS}", "train.warmup_steps=2", "train.log_every=2", "train.eval_every=10",
+        "train.checkpoint_every=10", "eval.batches=2", "eval.max_new_tokens=8", "cluster.num_workers=2"]
+STAGES = ("tokenizer", "shard", "train", "eval")
+
+pytestmark = pytest.mark.slow
+
+
+def pretrain(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+def start_pretrain(*args: str, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO, text=True)
+
+
+def mlflow_run(workdir: Path, run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    return client, client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+
+
+def run_state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """(workdir, first, second): CompletedProcess of `pretrain run` for two models on the same data."""
+    workdir = tmp_path_factory.mktemp("e2e")
+    first = pretrain("run", PRESET, f"run.workdir={workdir}", "run.name=first", *TINY)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = pretrain("run", PRESET, f"run.workdir={workdir}", "run.name=second", *TINY, "model.n_layers=1")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return workdir, first, second
+
+
+def test_every_stage_runs_and_the_summary_ends_with_a_sample_and_the_ui_command(two_runs):
+    workdir, first, _ = two_runs
+    run_dir = workdir / "runs" / "first"
+    assert [run_state(run_dir)[stage]["status"] for stage in STAGES] == ["done"] * 4
+    for stage in STAGES:
+        assert f"\n{stage}: " in first.stdout
+    assert "--- sample from prompt 'def __init__(self'" in first.stdout
+    assert f"open the MLflow UI: pretrain ui {run_dir / 'config.yaml'}" in first.stdout
+    figures = json.loads((run_dir / "train_figures.json").read_text())
+    assert figures["steps"] == MAX_STEPS and figures["world_size"] == 2
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{MAX_STEPS:08d}"
+
+
+def test_mlflow_run_holds_params_a_falling_loss_eval_metrics_and_artifacts(two_runs):
+    workdir, _, _ = two_runs
+    run_dir = workdir / "runs" / "first"
+    client, run = mlflow_run(workdir, run_dir)
+    assert run.info.status == "FINISHED" and run.info.run_name == "first"
+    assert run.data.params["model.d_model"] == "64" and run.data.params["cluster.num_workers"] == "2"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    steps = [m.step for m in losses]
+    assert steps == list(range(2, MAX_STEPS + 1, 2))  # every logged step once, rank 0 only
+    values = [m.value for m in sorted(losses, key=lambda m: m.step)]
+    assert values[-1] < values[0] - 0.3
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [10, 20]
+    for name in ("eval/val_loss", "eval/perplexity", "eval/bits_per_byte"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [MAX_STEPS]
+    assert {f"stage.{s}" for s in STAGES} <= {k for k, v in run.data.tags.items() if v == "done"}
+    assert "host" in run.data.tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts |= {a.path for folder in ("eval", "tokenizer", "checkpoints")
+                  for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"config.yaml", "deepspeed_config.json", "tokenizer/tokenizer.json", "eval/report.json",
+            "eval/summary.txt", "eval/loss_curve.png", "checkpoints/manifest.json"} <= artifacts
+    manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
+    assert manifest["latest"] == f"step-{MAX_STEPS:08d}"
+    assert [c["step"] for c in manifest["checkpoints"]] == [10, 20]
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["samples"] and report["step"] == MAX_STEPS
+
+
+def test_second_run_reuses_the_cached_tokenizer_and_shards(two_runs):
+    workdir, _, second = two_runs
+    state = run_state(workdir / "runs" / "second")
+    assert state["tokenizer"]["reused"] and state["shard"]["reused"] and not state["train"]["reused"]
+    assert "tokenizer: reused" in second.stdout and "shard: reused" in second.stdout
+    assert len(list((workdir / "cache" / "tokenizer").iterdir())) == 1
+    assert len(list((workdir / "cache" / "shard").iterdir())) == 1
+    assert state["shard"]["path"] == run_state(workdir / "runs" / "first")["shard"]["path"]
+
+
+def test_eval_command_scores_an_older_checkpoint_into_the_same_mlflow_run(two_runs):
+    workdir, _, _ = two_runs
+    run_dir = workdir / "runs" / "second"
+    out = pretrain("eval", str(run_dir), "--checkpoint", "step-00000010")
+    assert out.returncode == 0, out.stderr
+    assert "checkpoint step-00000010" in out.stdout
+    assert json.loads((run_dir / "eval" / "report.json").read_text())["step"] == 10
+    client, run = mlflow_run(workdir, run_dir)
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/val_loss")) == [10, MAX_STEPS]
+    assert run.info.status == "FINISHED"
+
+
+def test_compare_lists_both_runs_from_mlflow(two_runs):
+    workdir, _, _ = two_runs
+    out = pretrain("compare", "pretrain-demo", "--uri", f"sqlite:///{workdir / 'mlflow.db'}")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("first", "second"))]
+    assert len(rows) == 2 and all("gpt" in row and "FINISHED" in row for row in rows)
+
+
+def test_a_failing_stage_names_itself_and_keeps_earlier_artifacts(two_runs):
+    """Stage by stage with --only/--from; a byte flipped in a shard after sharding fails the train stage."""
+    workdir, _, _ = two_runs
+    args = ["run", PRESET, f"run.workdir={workdir}", "run.name=broken", *TINY, "data.max_documents=60"]
+    for stage in ("tokenizer", "shard"):
+        assert pretrain(*args, "--only", stage).returncode == 0
+    shard_dir = Path(run_state(workdir / "runs" / "broken")["shard"]["path"])
+    shard = shard_dir / json.loads((shard_dir / "index.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = pretrain(*args, "--from", "train")
+    assert out.returncode == 2
+    assert "stage `train` failed" in out.stderr and f"shard {shard.name} fails its sha256 check" in out.stderr
+    assert "artifacts of earlier stages are kept" in out.stderr
+    state = run_state(workdir / "runs" / "broken")
+    assert state["shard"]["status"] == "done" and state["train"]["status"] == "failed" and "eval" not in state
+    assert shard_dir.is_dir()
+
+
+def test_sigterm_during_training_checkpoints_and_stops_then_resume_finishes(two_runs, tmp_path):
+    workdir, _, _ = two_runs
+    run_dir = workdir / "runs" / "stopped"
+    process = start_pretrain("run", PRESET, f"run.workdir={workdir}", "run.name=stopped", *TINY,
+                             "train.max_steps=400", "train.checkpoint_every=1000", log=tmp_path / "run.log")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and "train/loss" in metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 2
+    log = (tmp_path / "run.log").read_text()
+    assert "run stopped on request at step" in log and f"pretrain resume {run_dir}" in log
+    state = run_state(run_dir)
+    assert state["train"]["status"] == "stopped" and "eval" not in state
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    assert 0 < stopped_at < 400
+    client, run = mlflow_run(workdir, run_dir)
+    assert run.info.status == "KILLED"
+
+    resumed = pretrain("resume", str(run_dir), "train.max_steps=" + str(stopped_at + 4))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped_at:08d}'}" in resumed.stdout + resumed.stderr
+    assert [run_state(run_dir)[stage]["status"] for stage in STAGES] == ["done"] * 4
+    client, run = mlflow_run(workdir, run_dir)
+    assert run.info.status == "FINISHED"
+
+
+def test_sigusr1_outside_training_is_reported_not_fatal():
+    said = []
+    with checkpoint_requests_outside_training(said.append):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)  # the handler runs between bytecodes of the main thread
+    assert said == ["SIGUSR1 outside training: no checkpoint to write, continuing"]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
