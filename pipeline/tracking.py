@@ -42,6 +42,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
                                      MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH)
 
+from pipeline.artifacts import atomic_write_text
 from pipeline.config import Config, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -150,16 +151,6 @@ def _describe(exc: Exception) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Small file helpers
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so readers see the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_text(path: Path) -> str | None:
@@ -272,7 +263,7 @@ class TrackingTarget:
                    t.max_retries)
 
     def save(self, run_dir: Path) -> None:
-        _atomic_write(run_dir / TARGET_FILE, json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+        atomic_write_text(run_dir / TARGET_FILE, json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 
     @classmethod
     def load(cls, run_dir: Path) -> TrackingTarget:
@@ -391,9 +382,9 @@ class MlflowTracker(LocalTracker):
                             "record to it", self.run_id, _hide_credentials(self.target.uri))
         run = self._client.create_run(self._experiment_id(), run_name=self.target.run_name)
         self.run_id = run.info.run_id
-        _atomic_write(self.run_dir / RUN_ID_FILE, self.run_id + "\n")
+        atomic_write_text(self.run_dir / RUN_ID_FILE, self.run_id + "\n")
         for watermark in (OPS_SYNCED_FILE, SYNCED_FILE):  # a new run gets the whole local record
-            _atomic_write(self.run_dir / watermark, "0\n")
+            atomic_write_text(self.run_dir / watermark, "0\n")
         self._run_checked = True
 
     def _experiment_id(self) -> str:
@@ -423,7 +414,7 @@ class MlflowTracker(LocalTracker):
                 if not _is_rejection(exc):
                     raise
                 log.warning("MLflow refused %s (%s); dropped", op["op"], _describe(exc))
-            _atomic_write(synced_path, f"{end}\n")
+            atomic_write_text(synced_path, f"{end}\n")
 
     def _apply(self, op: dict) -> None:
         kind = op["op"]
@@ -484,7 +475,7 @@ class MlflowTracker(LocalTracker):
             log.warning("MLflow refused %d metric values (%s); they stay only in %s", len(batch),
                         _describe(exc), self.metrics_path)
             batch = []
-        _atomic_write(synced_path, f"{end_offset}\n")
+        atomic_write_text(synced_path, f"{end_offset}\n")
         return len(batch)
 
 
