@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import BatchLoader, TokenDataset  # noqa: E402
+from pipeline.data import SHARD_TOKENIZER_DIR  # noqa: E402
 from pipeline.shard import SplitWriter, write_index  # noqa: E402
 
 VOCAB = 4096
@@ -47,6 +48,7 @@ def synthetic_shards(directory: Path, tokens: int) -> Path:
         chunk = rng.integers(0, VOCAB, size=min(CHUNK_TOKENS, tokens - start), dtype=np.uint16)
         writer.add(0, chunk.tobytes(), source_bytes=3 * len(chunk))
     empty = SplitWriter(directory, "val", np.dtype(np.uint16), shard_tokens=1).finish()
+    (directory / SHARD_TOKENIZER_DIR).mkdir()  # no tokenizer made these ids: nothing for index.json to hash
     write_index(directory, family="gpt", vocab_size=VOCAB, tokenizer_fp="synthetic", separator_id=0,
                 data=load_config(None).data, splits={"train": writer.finish(), "val": empty},
                 sources=[{"name": "synthetic", "weight": 1.0}])

@@ -12,22 +12,31 @@
 A directory without COMPLETE is a checkpoint cut off by a crash: resume ignores it and the next save
 removes it. This module does no torch.distributed itself; the caller passes the engine's save function
 and a barrier, so it is testable in one process.
+
+Storage. Before training, `check_storage` refuses a run directory that is not writable or lacks the
+free space for the checkpoints the run will hold at once. A save that fails anyway (the disk filled
+up meanwhile) raises StorageError naming the checkpoint directory; `latest` still names the previous
+checkpoint, which stays intact, and the partial directory is removed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
+import tempfile
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
+from pipeline.artifacts import atomic_write_text
 from pipeline.config import Config, ConfigError
+from pipeline.errors import StorageError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -118,19 +127,81 @@ def save(run_dir: Path, step: int, *, rank: int, save_engine: Callable[[Path, st
     """Save a checkpoint of `step` (every rank calls this); returns its directory.
 
     All ranks write their DeepSpeed shard and RNG states; rank 0 writes trainer_state.json; after a
-    barrier rank 0 marks it COMPLETE, moves `latest` to it and deletes all but the newest `keep`."""
+    barrier rank 0 marks it COMPLETE, moves `latest` to it and deletes all but the newest `keep`.
+    A failed write raises StorageError on the failing rank (the launcher then stops the others)."""
     root, tag = checkpoints_dir(run_dir), tag_for(step)
-    save_engine(root, tag)
     path = root / tag
-    save_rng_state(path, rank)
-    if rank == 0:
-        _write_atomic(path / TRAINER_STATE, json.dumps(trainer_state, indent=1) + "\n")
+    with _failed_writes_reported(run_dir, path, rank):
+        save_engine(root, tag)
+        save_rng_state(path, rank)
+        if rank == 0:
+            atomic_write_text(path / TRAINER_STATE, json.dumps(trainer_state, indent=1) + "\n")
     barrier()
     if rank == 0:
-        _write_atomic(path / COMPLETE, "")
-        _write_atomic(root / LATEST, tag + "\n")
+        with _failed_writes_reported(run_dir, path, rank):
+            atomic_write_text(path / COMPLETE, "")
+            atomic_write_text(root / LATEST, tag + "\n")
         prune(run_dir, keep)
     return path
+
+
+@contextmanager
+def _failed_writes_reported(run_dir: Path, path: Path, rank: int) -> Iterator[None]:
+    """A failed write becomes a StorageError that names the checkpoint and what is kept; rank 0 removes
+    the partial directory (unless `latest` already names it: then only the cleanup after it failed)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if not _is_write_failure(exc):
+            raise
+        latest = _pointer(run_dir)
+        if rank == 0 and latest != path.name:
+            shutil.rmtree(path, ignore_errors=True)
+        kept = f"the last good checkpoint {latest} is kept as `latest`" if latest else "there is no earlier checkpoint"
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise StorageError(f"writing checkpoint {path} failed ({reason}; {_free_bytes(path.parent):,} bytes free "
+                           f"there); {kept}. Free space or lower train.keep_checkpoints, then run again to "
+                           "resume") from exc
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or a RuntimeError raised inside torch.save: it reports a full disk from its C++ writer
+    ("unexpected pos", "iostream error", ...), not as an OSError. Collective errors stay what they are."""
+    if isinstance(exc, OSError):
+        return True
+    return any(Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
+               for frame, _ in traceback.walk_tb(exc.__traceback__))
+
+
+def _pointer(run_dir: Path) -> str | None:
+    pointer = checkpoints_dir(run_dir) / LATEST
+    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+
+
+def _free_bytes(directory: Path) -> int:
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return shutil.disk_usage(directory).free
+
+
+def check_storage(run_dir: Path, checkpoint_bytes: int, keep: int) -> None:
+    """Before training: the checkpoints directory is writable and its filesystem has room for what the
+    run will hold at once: `keep` checkpoints plus the one being written (existing complete ones
+    count as already written)."""
+    root = checkpoints_dir(run_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise StorageError(f"{root} is not writable ({exc.strerror or exc}); make it writable or set run.workdir "
+                           "to a writable directory") from None
+    existing = len([p for p in _tag_dirs(root) if (p / COMPLETE).is_file()])
+    needed, free = checkpoint_bytes * (keep + 1 - min(existing, keep)), shutil.disk_usage(root).free
+    if needed > free:
+        raise StorageError(f"{root} has {free:,} bytes free but this run needs about {needed:,} for its "
+                           f"checkpoints ({keep} kept + 1 being written, ~{checkpoint_bytes:,} bytes each); free "
+                           "space, lower train.keep_checkpoints, or set run.workdir on a larger filesystem")
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -145,24 +216,19 @@ def prune(run_dir: Path, keep: int) -> None:
 
 
 def remove_partial(run_dir: Path) -> list[Path]:
-    """Delete checkpoint directories a crash left without COMPLETE (rank 0, before training)."""
-    partial = [p for p in _tag_dirs(checkpoints_dir(run_dir)) if not (p / COMPLETE).is_file()]
-    for path in partial:
+    """Delete checkpoint directories a crash left behind (rank 0, before training): those without
+    COMPLETE, and complete ones newer than `latest` (killed between COMPLETE and moving `latest`;
+    training would write that step again into the same directory)."""
+    latest = _pointer(run_dir)
+    debris = [p for p in _tag_dirs(checkpoints_dir(run_dir))
+              if not (p / COMPLETE).is_file() or (latest is not None and p.name > latest)]
+    for path in debris:
         shutil.rmtree(path, ignore_errors=True)
-    return partial
+    return debris
 
 
 def _tag_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and _TAG.match(p.name)) if root.is_dir() else []
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:

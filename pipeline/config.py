@@ -208,6 +208,11 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(500, ge=0, description="Checkpoint every N steps (and always at the "
                                   "end); 0 checkpoints only at the end.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    max_bad_steps: int = Field(5, ge=0, description="Steps with a non-finite loss or gradient (their update "
+                               "is skipped) tolerated within train.bad_step_window steps; one more rolls back "
+                               "to the last checkpoint and continues with the data after the bad batch.")
+    bad_step_window: int = Field(100, gt=0, description="Optimizer steps over which train.max_bad_steps "
+                                 "counts.")
     peak_flops: float | None = Field(None, gt=0, description="Peak FLOP/s of one device for MFU. Default: "
                                      "looked up for known GPUs; required for MFU on CPU.")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config keys merged "

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 INDEX_FILE = "index.json"
+SHARD_TOKENIZER_DIR = "tokenizer"  # the shards' copy of the tokenizer that made them
 INDEX_FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 IGNORE_INDEX = -100  # label of unmasked positions, skipped by torch's cross-entropy
@@ -91,6 +92,26 @@ def check_shard_files(shard_dir: Path, index: dict, split: str, verify_checksums
             raise DataError(f"shard {shard['file']} fails its sha256 check (corrupt or modified): {fix}")
 
 
+def tokenizer_hashes(tokenizer_dir: Path) -> dict[str, str]:
+    """{file name: sha256} of a tokenizer directory (index.json records those of the shards' copy)."""
+    return {path.name: file_sha256(path) for path in sorted(Path(tokenizer_dir).iterdir()) if path.is_file()}
+
+
+def check_tokenizer_files(shard_dir: Path, index: dict) -> None:
+    """The shards' tokenizer copy is the one that made the token ids: an edited or missing file would
+    decode (or, for BERT, mask) with other ids. Small files: always checked. Shard directories written
+    before index.json recorded the hashes have nothing to check against."""
+    directory = shard_dir / SHARD_TOKENIZER_DIR
+    fix = "restore it, or rebuild the shards with `pretrain shard CONFIG` so they match the tokenizer"
+    for name, expected in index.get("tokenizer_sha256", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise DataError(f"tokenizer file {path} is missing; the shards were made with it: {fix}")
+        if file_sha256(path) != expected:
+            raise DataError(f"tokenizer file {path} was changed after the shards were made with it (sha256 "
+                            f"differs from {INDEX_FILE}): {fix}")
+
+
 class _SourceStream:
     """One source's shards of one split as a single token sequence, memory-mapped lazily."""
 
@@ -130,6 +151,7 @@ class TokenDataset:
         self.split = split
         self.vocab_size: int = self.index["vocab_size"]
         check_shard_files(self.shard_dir, self.index, split, verify_checksums)
+        check_tokenizer_files(self.shard_dir, self.index)
         shards = self.index["splits"][split]["shards"]
         self.total_tokens: int = sum(s["tokens"] for s in shards)
         self.source_bytes: int = sum(s["source_bytes"] for s in shards)

@@ -4,6 +4,20 @@ It turns a model and the `train` section into a DeepSpeed engine (AdamW with wei
 learning-rate schedule, ZeRO 0-3 with optional offload), sets up torch.distributed when nobody else
 has (torchrun; Ray Train sets up gloo or NCCL itself), and wraps checkpoint save/load and the export
 of a consolidated fp32 state dict from any ZeRO stage.
+
+Non-finite steps. A step whose reduced gradients hold inf or NaN is skipped: no optimizer update, no
+scheduler step, gradients dropped. DeepSpeed's ZeRO 1-3, bf16 and fp16 optimizers do this themselves
+(an `overflow` check after the reduction, so every rank agrees); with fp32 and ZeRO 0 the engine holds
+the client torch optimizer, which has no such check, so `optimizer_step` does it through the same
+`optimizer.overflow` attribute DeepSpeed reads from its own optimizers. `backward` turns a non-finite
+loss into NaN gradients, so the same check also skips steps whose loss alone was not finite: the
+loss's own gradients can be finite (an infinite cross-entropy; a NaN mean over zero target tokens
+has zero gradients).
+
+Loading. DeepSpeed unpickles checkpoints with `weights_only=False`, which runs any code a tampered
+file carries. `verify_checkpoint` therefore lists every pickled global in every file of a checkpoint
+(without loading it) and refuses anything beyond tensors, containers and the four DeepSpeed types its
+checkpoints hold; our own loads use `weights_only=True` with those types allowed.
 """
 from __future__ import annotations
 
@@ -22,11 +36,20 @@ from torch import nn
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 from models.layers import init_weights  # noqa: E402
 from pipeline.config import Config, TrainConfig  # noqa: E402
+from pipeline.errors import CheckpointError  # noqa: E402
 from pipeline.modeling import build_model  # noqa: E402
+
+
+# The non-tensor types DeepSpeed pickles into its checkpoints (ZeRO optimizer states, loss scalers):
+# plain data holders whose unpickling runs no code of the file's choosing.
+SAFE_GLOBALS = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
 
 
 def backend() -> str:
@@ -147,20 +170,55 @@ def initialize(model: nn.Module, train: TrainConfig, ds_config: dict[str, Any]):
     the module compiled with torch.compile when train.compile is set."""
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, train.weight_decay),
                                       lr_scheduler=lr_schedule(train), config=ds_config)
+    if _plain_fp32(engine):
+        _skip_steps_on_overflow(engine.optimizer)
     if train.compile:
         engine.compile()
     return engine
 
 
+def _skip_steps_on_overflow(optimizer: torch.optim.Optimizer) -> None:
+    """Give the client torch optimizer the `overflow` flag of DeepSpeed's own optimizers: while it is
+    set, step() does nothing (DeepSpeed calls it unconditionally, then reads the flag to skip the
+    scheduler and count the step). Dropping the gradients instead breaks DeepSpeed's clipping, which
+    needs at least one."""
+    step = optimizer.step
+
+    def step_unless_overflow(*args, **kwargs):
+        return None if optimizer.overflow else step(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.step = step_unless_overflow
+
+
+def backward(engine, loss: torch.Tensor, logits: torch.Tensor) -> None:
+    """engine.backward(loss), plus NaN gradients when the loss is not finite (see the module docstring):
+    a NaN on one logit's gradient reaches every layer. A finite loss adds 0.0 to that one gradient,
+    which changes no value, and nothing waits for the device."""
+    poison = torch.where(torch.isfinite(loss.detach()), 0.0, torch.nan)
+    engine.backward(loss + poison * logits.reshape(-1)[0])
+
+
 def optimizer_step(engine) -> torch.Tensor | float | None:
-    """engine.step() (clip, update, schedule, zero grads); returns the global gradient norm before
-    clipping. DeepSpeed keeps none in fp32 without ZeRO, so it is computed here (a tensor: no sync)."""
+    """engine.step() (clip, update, schedule, zero grads), skipped when the gradients are not finite;
+    returns the global gradient norm before clipping. DeepSpeed keeps none in fp32 without ZeRO, so it
+    is computed here (the gradients are already all-reduced, so every rank gets the same norm)."""
     norm = None
-    if not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled()):
+    if _plain_fp32(engine):
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        engine.optimizer.overflow = not bool(torch.isfinite(norm))
     engine.step()
     return norm if norm is not None else engine.get_global_grad_norm()
+
+
+def _plain_fp32(engine) -> bool:
+    return not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+
+
+def step_applied(engine) -> bool:
+    """Whether the last optimizer step updated the weights (False: skipped for non-finite gradients)."""
+    return engine.was_step_applied()
 
 
 def save_checkpoint(engine, checkpoints_dir: Path, tag: str) -> None:
@@ -200,7 +258,25 @@ def consolidated_state_dict(checkpoints_dir: Path, tag: str) -> dict[str, torch.
     no process group needed): ZeRO 1-3 shards are merged by DeepSpeed's zero_to_fp32; stage 0
     checkpoints already hold the full module."""
     tag_dir = Path(checkpoints_dir) / tag
+    verify_checkpoint(tag_dir)  # zero_to_fp32 unpickles with weights_only=False
     if any(tag_dir.glob("*optim_states.pt")):
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir), tag=tag)
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {name: tensor.float() for name, tensor in states["module"].items()}
+
+
+def verify_checkpoint(tag_dir: Path) -> None:
+    """Refuse a checkpoint any of whose files pickles a global other than what weights_only loading
+    allows plus SAFE_GLOBALS. Reads only the files' pickle records, not their tensor data."""
+    allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in SAFE_GLOBALS}
+    for path in sorted(Path(tag_dir).rglob("*.pt")):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
+        except Exception as exc:  # not a torch zip file at all: DeepSpeed would unpickle it blindly
+            raise CheckpointError(f"refusing to load {path}: it is not a readable torch checkpoint ({exc}); "
+                                  "delete this checkpoint directory to resume from an older one") from None
+        if unsafe:
+            raise CheckpointError(f"refusing to load {path}: it pickles {', '.join(sorted(unsafe))}, which "
+                                  "checkpoints of this pipeline never contain (a tampered or foreign file); "
+                                  "delete this checkpoint directory to resume from an older one")

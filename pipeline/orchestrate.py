@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.artifacts import atomic_write_json, atomic_write_text
-from pipeline.checkpoint import COMPLETE, checkpoints_dir, latest_tag, read_trainer_state
 from pipeline.config import Config, ConfigError, dump_config
 
 STAGES = ("tokenizer", "shard", "train", "eval")
@@ -154,7 +153,9 @@ def ray_connection(config: Config):
 
 
 def quiet_ray_workers() -> None:
-    """Runs in every Ray worker process. Ray Train's placement-group cleaner asks the State API every
+    """Runs in every Ray worker process, so this module must not import torch: imported before Ray
+    sets the worker's OMP_NUM_THREADS, torch would keep more intra-op threads than torchrun gives a
+    rank, and float sums would no longer match torchrun's bit for bit. Ray Train's placement-group cleaner asks the State API every
     second whether the controller lives; without the dashboard (the minimal `ray` install, and an
     embedded Ray here) every ask fails and warns, burying the training log. The cleaner only matters
     when the controller dies, and then Ray frees the placement group with the job anyway."""
@@ -259,6 +260,7 @@ def _shard(config: Config, run_dir: Path, state: RunState, tracker):
 
 
 def _train(config: Config, run_dir: Path, state: RunState, tracker):
+    from pipeline.checkpoint import checkpoints_dir
     from pipeline.train import DEEPSPEED_CONFIG_FILE, run_training
 
     shard_dir = state.output("shard")
@@ -271,6 +273,8 @@ def _train(config: Config, run_dir: Path, state: RunState, tracker):
 def write_checkpoint_manifest(run_dir: Path) -> Path:
     """`checkpoints/manifest.json`: every complete checkpoint's step, tokens seen, world size and files
     with their sizes, and which one `latest` names (the weights stay out of MLflow: they can be large)."""
+    from pipeline.checkpoint import COMPLETE, checkpoints_dir, latest_tag, read_trainer_state
+
     root = checkpoints_dir(run_dir)
     entries = []
     for path in sorted(root.glob("step-*")):

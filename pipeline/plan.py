@@ -37,6 +37,15 @@ def bytes_per_parameter(precision: str) -> tuple[int, int, int]:
     return (4, 4, 8) if precision == "fp32" else (2, 2, 12)
 
 
+def checkpoint_bytes(n_params: int, precision: str, zero_stage: int) -> int:
+    """Bytes of one checkpoint over all ranks: weights plus optimizer state. ZeRO 1-3 also save their
+    fp32 partitions of the weights, which in fp32 are a second copy (bf16/fp16 count them in the
+    optimizer's 12 bytes already)."""
+    weights, _, optimizer = bytes_per_parameter(precision)
+    master_copy = 4 if precision == "fp32" and zero_stage >= 1 else 0
+    return n_params * (weights + optimizer + master_copy)
+
+
 def model_state_memory(n_params: int, precision: str, dp_size: int, *, offload_optimizer: bool = False,
                        offload_params: bool = False) -> list[StageMemory]:
     """Per-GPU bytes of weights, gradients and optimizer state for ZeRO stages 0-3."""
@@ -90,7 +99,7 @@ def make_plan(config: Config) -> dict:
         "activation_bytes": activations,
         "checkpointed_activation_bytes": checkpointed,
         "activation_checkpointing": t.activation_checkpointing,
-        "checkpoint_bytes": n_params * (bytes_per_parameter(t.precision)[0] + bytes_per_parameter(t.precision)[2]),
+        "checkpoint_bytes": checkpoint_bytes(n_params, t.precision, t.zero_stage),
         "flops_per_step": flops_per_token(cfg, t.seq_len) * t.global_batch_size * t.seq_len,
     }
 

@@ -36,12 +36,11 @@ from tqdm import tqdm
 
 from pipeline.artifacts import StageResult, atomic_write_json, build_stage, fingerprint
 from pipeline.config import Config, DataConfig
-from pipeline.data import INDEX_FILE, INDEX_FORMAT_VERSION, SPLITS, token_dtype
+from pipeline.data import INDEX_FILE, INDEX_FORMAT_VERSION, SHARD_TOKENIZER_DIR, SPLITS, token_dtype, tokenizer_hashes
 from pipeline.sources import Document, SourceReader, corpus_identity, is_validation, iter_corpus, make_readers
 from pipeline.tokenizer import load_tokenizer, special_token_ids, tokenizer_stage
 
-CODE_VERSION = "shard-1"
-SHARD_TOKENIZER_DIR = "tokenizer"
+CODE_VERSION = "shard-2"  # 2: index.json holds the sha256 of each tokenizer file
 WINDOW_BYTES = 64 << 20  # text tokenized per round trip to the workers: bounds the driver's memory
 BATCH_DOCUMENTS = 64  # documents per tokenizer call (and per Ray Data batch)
 BLOCKS_PER_WORKER = 8  # more blocks than workers, so a worker that finishes early takes more work
@@ -209,9 +208,9 @@ def write_shards(config: Config, tokenizer_dir: Path, tokenizer_fp: str, directo
     if splits["val"]["documents"] == 0:
         print(f"warning: no document fell into the validation split (data.val_permille={data.val_permille}); "
               "validation needs one: raise data.val_permille or add documents", file=sys.stderr, flush=True)
+    shutil.copytree(tokenizer_dir, directory / SHARD_TOKENIZER_DIR, ignore=shutil.ignore_patterns("manifest.json"))
     write_index(directory, family=family, vocab_size=tokenizer.get_vocab_size(), tokenizer_fp=tokenizer_fp,
                 separator_id=separator_id, data=data, splits=splits, sources=source_summaries(readers, splits))
-    shutil.copytree(tokenizer_dir, directory / SHARD_TOKENIZER_DIR, ignore=shutil.ignore_patterns("manifest.json"))
     seconds = time.perf_counter() - started
     tokens = sum(s["tokens"] for s in splits.values())
     return {"tokens": tokens, "documents": sum(s["documents"] for s in splits.values()),
@@ -224,6 +223,7 @@ def write_index(directory: Path, *, family: str, vocab_size: int, tokenizer_fp: 
     atomic_write_json(directory / INDEX_FILE, {
         "format_version": INDEX_FORMAT_VERSION, "family": family, "vocab_size": vocab_size,
         "dtype": token_dtype(vocab_size).name, "tokenizer_fingerprint": tokenizer_fp, "separator_id": separator_id,
+        "tokenizer_sha256": tokenizer_hashes(directory / SHARD_TOKENIZER_DIR),
         "shard_tokens": data.shard_tokens, "val_permille": data.val_permille, "splits": splits, "sources": sources})
 
 

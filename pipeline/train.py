@@ -24,6 +24,14 @@ The global batch follows the new world size unless train.global_batch_size pins 
 continues but is not the old world size's bit for bit (different batches per step and reduction order).
 Ranks that did not exist when the checkpoint was saved start from the seeded RNG state.
 
+Non-finite steps. A step whose loss or reduced gradients are not finite on any rank is skipped (no
+update, no scheduler step; see pipeline/engine.py) and counted (`train/skipped_steps`); the loader
+moves on. More than train.max_bad_steps of them within train.bad_step_window steps roll the run back
+to the latest checkpoint (weights, optimizer, RNG, step) while the loader keeps its position, so
+training continues with the data after the bad batch (`train/rollbacks`, logged at the step that
+triggered it). Without a checkpoint to return to, or after MAX_ROLLBACKS_PER_CHECKPOINT rollbacks to
+the same one, training stops with TrainingDiverged.
+
 Checkpoint requests. SIGUSR1 to a worker asks for a checkpoint at the next step boundary; SIGTERM for a
 checkpoint and a clean stop. The driver forwards both by writing `<run_dir>/checkpoint_request`
 (Ray runs the training function outside the main thread, where no signal handler can be installed).
@@ -43,6 +51,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +67,19 @@ from pipeline.artifacts import atomic_write_json
 from pipeline.config import Config, ConfigError, dump_config, load_config
 from pipeline.data import BatchLoader, DataError, TokenDataset, check_vocab_fits
 from pipeline.ds_config import deepspeed_config
+from pipeline.errors import CheckpointError, StorageError, TrainingDiverged
 from pipeline.modeling import build_model, model_config
+from pipeline.plan import checkpoint_bytes
 from pipeline.tracking import METRIC_TOKENS_PER_S, METRIC_TOKENS_SEEN, METRIC_TRAIN_LOSS, METRIC_VAL_LOSS, open_tracker
 
 FIGURES_FILE = "train_figures.json"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 REQUEST_FILE = "checkpoint_request"
 NO_REQUEST, CHECKPOINT, CHECKPOINT_AND_STOP = 0, 1, 2
+# Returning to one checkpoint more often than this means the trouble is not a passing bad batch.
+MAX_ROLLBACKS_PER_CHECKPOINT = 3
+METRIC_SKIPPED_STEPS = "train/skipped_steps"
+METRIC_ROLLBACKS = "train/rollbacks"
 GIB = 1024**3
 
 # Dense bf16/fp16 tensor-core peak FLOP/s of one GPU (vendor data sheets, without sparsity), matched
@@ -101,6 +116,7 @@ class Run:
     flops_per_token: int
     peak_flops: float | None
     requests: CheckpointRequests
+    health: StepHealth
     step: int = 0
     tokens_seen: int = 0
     resumed_from: int | None = None
@@ -144,6 +160,7 @@ def setup(config: Config, run_dir: Path, shard_dir: Path) -> Run:
     if rank == 0:
         checkpoint.remove_partial(run_dir)
     dist.barrier()
+    check_storage(config, run_dir)
     point = checkpoint.resume_point(run_dir, config)
     reshard = point is not None and point[1]["world_size"] != world_size and config.train.zero_stage > 0
     dataset = TokenDataset(shard_dir, "train", verify_checksums=config.data.verify_checksums)
@@ -159,15 +176,23 @@ def setup(config: Config, run_dir: Path, shard_dir: Path) -> Run:
               val_dataset=TokenDataset(shard_dir, "val"), tracker=open_tracker(config, run_dir, rank=rank),
               flops_per_token=flops_per_token(model_config(config), config.train.seq_len),
               peak_flops=peak_flops_per_device(config.train.peak_flops, device),
-              requests=CheckpointRequests(run_dir, rank))
+              requests=CheckpointRequests(run_dir, rank),
+              health=StepHealth(config.train.max_bad_steps, config.train.bad_step_window))
     seed_rank(config.run.seed, rank)
-    resume(run, point, reshard)
+    resume(run, point)
     return run
 
 
 def _count_parameters(config: Config) -> int:
     with torch.device("meta"):
         return num_parameters(build_model(config))
+
+
+def check_storage(config: Config, run_dir: Path) -> None:
+    """The run directory is writable and has room for the run's checkpoints (pipeline/plan.py's size)."""
+    t = config.train
+    size = checkpoint_bytes(_count_parameters(config), t.precision, t.zero_stage)
+    checkpoint.check_storage(run_dir, size, t.keep_checkpoints)
 
 
 def make_loader(dataset: TokenDataset, config: Config, rank: int, world_size: int, *,
@@ -208,10 +233,15 @@ def train(run: Run) -> dict[str, Any]:
     while run.step < t.max_steps and not stop:
         started, lr = time.perf_counter(), ds_engine.current_lr(run.engine)
         loss, grad_norm = train_step(run.engine, run.loader, t.grad_accum_steps, run.device)
+        bad = step_was_bad(run, loss)
         request = run.requests.agreed(run.device)
-        meter.add(loss, grad_norm, lr, time.perf_counter() - started)
+        meter.add(loss, grad_norm, lr, time.perf_counter() - started, skipped=bad)
         run.step += 1
         run.tokens_seen += run.tokens_per_step
+        if bad and run.health.too_many(run.step):
+            roll_back(run, meter)
+            stop = request == CHECKPOINT_AND_STOP  # the checkpoint just loaded is the one to stop at
+            continue
         if run.step % t.log_every == 0:
             log_metrics(run, meter.flush())
         if t.eval_every and (run.step % t.eval_every == 0 or run.step == t.max_steps):
@@ -228,12 +258,77 @@ def train_step(engine, loader: BatchLoader, accum_steps: int, device: torch.devi
     total = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
         batch = {name: tensor.to(device, non_blocking=True) for name, tensor in loader.next_batch().items()}
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        total += loss.detach()
+        output = engine(**batch)
+        ds_engine.backward(engine, output.loss, output.logits)
+        total += output.loss.detach()
         if micro_step < accum_steps - 1:
             engine.step()  # DeepSpeed counts micro-steps; the update happens at the boundary below
     return total / accum_steps, ds_engine.optimizer_step(engine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite steps and rollback
+
+
+def step_was_bad(run: Run, loss: torch.Tensor) -> bool:
+    """Whether the step's update was skipped for non-finite values; every rank gets the same answer,
+    as the skip is decided on all-reduced gradients. fp16's loss scaler also skips steps that overflow
+    only because its scale is too high, which is routine: those count only if some rank's loss was
+    non-finite (one more all-reduce, on skipped fp16 steps only)."""
+    if ds_engine.step_applied(run.engine):
+        return False
+    if run.config.train.precision != "fp16":
+        return True
+    bad = (~torch.isfinite(loss)).to(torch.int32)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
+class StepHealth:
+    """Bad (skipped) steps within the last `window` steps, and the run's totals of skips and rollbacks."""
+
+    def __init__(self, max_bad_steps: int, window: int):
+        self.max_bad_steps, self.window = max_bad_steps, window
+        self.recent: deque[int] = deque()
+        self.skipped_steps, self.rollbacks = 0, 0
+        self.rollbacks_to: Counter[str] = Counter()
+
+    def too_many(self, step: int) -> bool:
+        """Count a bad step; True when it makes more than max_bad_steps within the window."""
+        self.skipped_steps += 1
+        self.recent.append(step)
+        while self.recent[0] <= step - self.window:
+            self.recent.popleft()
+        return len(self.recent) > self.max_bad_steps
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps, self.rollbacks = state.get("skipped_steps", 0), state.get("rollbacks", 0)
+
+
+def roll_back(run: Run, meter: Meter) -> None:
+    """Too many bad steps: log them, then reload `latest` (engine, RNG, step, tokens) but keep the
+    loader's position, so the bad data is not fed again."""
+    health, bad_step, t = run.health, run.step, run.config.train
+    tag = checkpoint.latest_tag(run.run_dir)
+    why = f"{len(health.recent)} of the last {t.bad_step_window} steps had a non-finite loss or gradient"
+    if tag is None or health.rollbacks_to[tag] >= MAX_ROLLBACKS_PER_CHECKPOINT:
+        where = "no checkpoint to roll back to" if tag is None else f"already rolled back to {tag} " \
+                f"{MAX_ROLLBACKS_PER_CHECKPOINT} times"
+        raise TrainingDiverged(f"step {bad_step}: {why} (train.max_bad_steps={t.max_bad_steps}) and {where}; "
+                               "lower train.lr or raise train.warmup_steps, check the data near this step, "
+                               "or checkpoint more often (train.checkpoint_every)")
+    health.rollbacks += 1
+    health.rollbacks_to[tag] += 1
+    log_metrics(run, meter.flush() | {METRIC_ROLLBACKS: health.rollbacks})
+    path = checkpoint.checkpoints_dir(run.run_dir) / tag
+    load_state(run, path, checkpoint.read_trainer_state(path), restore_loader=False)
+    health.recent.clear()
+    if run.rank == 0:
+        print(f"step {bad_step}: {why}; rolled back to {path} (step {run.step}), continuing with the data "
+              "after the bad batch", flush=True)
 
 
 @torch.no_grad()
@@ -275,32 +370,38 @@ class Meter:
         self.run = run
         self.losses: list[torch.Tensor] = []
         self.grad_norm, self.lr = None, None
-        self.window_seconds = 0.0
+        self.window_steps, self.window_seconds = 0, 0.0
         self.total_seconds, self.total_steps = 0.0, 0
         self.last_loss: float | None = None
 
-    def add(self, loss: torch.Tensor, grad_norm, lr: float, seconds: float) -> None:
-        self.losses.append(loss)
-        self.grad_norm, self.lr = grad_norm, lr
+    def add(self, loss: torch.Tensor, grad_norm, lr: float, seconds: float, *, skipped: bool) -> None:
+        """A skipped step's loss and grad norm are not finite: they count in throughput only."""
+        if not skipped:
+            self.losses.append(loss)
+            self.grad_norm = grad_norm
+        self.lr = lr
+        self.window_steps += 1
         self.window_seconds += seconds
 
     def flush(self) -> dict[str, float | None]:
         """Metrics of the window (one all-reduce for the loss), then start a new window."""
-        run, steps, started = self.run, len(self.losses), time.perf_counter()
-        loss = torch.stack(self.losses).sum()
-        dist.all_reduce(loss)
-        self.last_loss = loss.item() / (steps * run.world_size)
+        run, steps, started = self.run, self.window_steps, time.perf_counter()
+        window_loss = None
+        if self.losses:  # every rank skips the same steps, so all or none join this all-reduce
+            loss = torch.stack(self.losses).sum()
+            dist.all_reduce(loss)
+            window_loss = self.last_loss = loss.item() / (len(self.losses) * run.world_size)
         seconds = self.window_seconds + time.perf_counter() - started
         self.total_seconds, self.total_steps = self.total_seconds + seconds, self.total_steps + steps
         tokens_per_s = steps * run.tokens_per_step / seconds
         metrics = {
-            METRIC_TRAIN_LOSS: self.last_loss, "train/lr": self.lr,
+            METRIC_TRAIN_LOSS: window_loss, "train/lr": self.lr, METRIC_SKIPPED_STEPS: run.health.skipped_steps,
             "train/grad_norm": None if self.grad_norm is None else float(self.grad_norm),
             METRIC_TOKENS_PER_S: tokens_per_s, METRIC_TOKENS_SEEN: run.tokens_seen,
             "train/mfu": mfu(tokens_per_s, run), "train/step_time_s": seconds / steps,
             **memory_metrics(run.device),
         }
-        self.losses, self.window_seconds = [], 0.0
+        self.losses, self.grad_norm, self.window_steps, self.window_seconds = [], None, 0, 0.0
         return metrics
 
     def summary(self) -> dict[str, Any]:
@@ -346,18 +447,33 @@ def save_checkpoint(run: Run) -> None:
         run.run_dir, run.step, rank=run.rank, barrier=dist.barrier, keep=run.config.train.keep_checkpoints,
         save_engine=lambda root, tag: ds_engine.save_checkpoint(run.engine, root, tag),
         trainer_state={"step": run.step, "tokens_seen": run.tokens_seen, "loader": run.loader.state_dict(),
-                       "world_size": run.world_size, "mlflow_run_id": run.tracker.run_id,
+                       "world_size": run.world_size, "mlflow_run_id": run.tracker.run_id, **run.health.state_dict(),
                        "config_fingerprint": checkpoint.fingerprint(run.config),
                        "config": run.config.model_dump(mode="json")})
 
 
-def resume(run: Run, point: tuple[Path, dict, dict] | None, reshard: bool) -> None:
+def resume(run: Run, point: tuple[Path, dict, dict] | None) -> None:
     """Load the checkpoint `checkpoint.resume_point` found (engine, loader, RNG, counters) and print
-    the config changes it allowed. `reshard`: ZeRO partitions of another world size, loaded through
-    DeepSpeed's universal format (converted by rank 0 next to the checkpoint, then deleted)."""
+    the config changes it allowed."""
     if point is None:
         return
     path, state, changes = point
+    load_state(run, path, state, restore_loader=True)
+    run.resumed_from = run.step
+    run.health.load_state_dict(state)
+    if run.rank == 0:
+        print(f"resumed from {path} (step {run.step}, {run.tokens_seen:,} tokens)", flush=True)
+        for key, (old, new) in changes.items():
+            print(f"resume: {key} changed from {old!r} to {new!r}", flush=True)
+        run.tracker.set_tags({"train.resumed_from_step": run.step})
+
+
+def load_state(run: Run, path: Path, state: dict[str, Any], *, restore_loader: bool) -> None:
+    """Engine, RNG, step and tokens (and the loader's position if asked) from the checkpoint at path,
+    after checking its files hold nothing but data. ZeRO partitions of another world size load through
+    DeepSpeed's universal format (converted by rank 0 next to the checkpoint, then deleted)."""
+    ds_engine.verify_checkpoint(path)
+    reshard = state["world_size"] != run.world_size and run.config.train.zero_stage > 0
     load_dir = path.parent / "universal" if reshard else path.parent
     if reshard and run.rank == 0:
         shutil.rmtree(load_dir, ignore_errors=True)  # debris of an interrupted conversion
@@ -367,15 +483,10 @@ def resume(run: Run, point: tuple[Path, dict, dict] | None, reshard: bool) -> No
     dist.barrier()
     if reshard and run.rank == 0:
         shutil.rmtree(load_dir)
-    run.loader.load_state_dict(state["loader"])
+    if restore_loader:
+        run.loader.load_state_dict(state["loader"])
     checkpoint.load_rng_state(path, run.rank)
-    run.step = run.resumed_from = state["step"]
-    run.tokens_seen, run.last_checkpoint = state["tokens_seen"], path
-    if run.rank == 0:
-        print(f"resumed from {path} (step {run.step}, {run.tokens_seen:,} tokens)", flush=True)
-        for key, (old, new) in changes.items():
-            print(f"resume: {key} changed from {old!r} to {new!r}", flush=True)
-        run.tracker.set_tags({"train.resumed_from_step": run.step})
+    run.step, run.tokens_seen, run.last_checkpoint = state["step"], state["tokens_seen"], path
 
 
 class CheckpointRequests:
@@ -423,6 +534,7 @@ def run_training(config: Config, shard_dir: Path, run_dir: Path) -> dict[str, An
 
     run_dir, c = Path(run_dir).resolve(), config.cluster
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_storage(config, run_dir)  # fail in a second, before starting the worker group
     (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     (run_dir / FIGURES_FILE).unlink(missing_ok=True)
     resources = {"CPU": c.cpus_per_worker} | ({"GPU": 1} if c.use_gpu else {})
@@ -469,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         train_worker({"run_dir": args.run_dir, "shard_dir": args.shards})
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, StorageError, CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     except BaseException:
