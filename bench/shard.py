@@ -73,6 +73,7 @@ def measure(config, tokenizer, reps: int) -> dict:
 
 
 def main() -> None:
+    sys.stdout = sys.stderr  # the stages' progress lines; only the JSON line goes to stdout
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=4)
@@ -96,7 +97,8 @@ def main() -> None:
         finally:
             ray.shutdown()
     print(json.dumps({"bench": "shard", "vocab_size": args.vocab_size, "reps": args.reps, **figures,
-                      "ray_init_s": round(ray_init_s, 2), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}))
+                      "ray_init_s": round(ray_init_s, 2), "cpus": os.cpu_count(),
+                      "load_avg_1m": os.getloadavg()[0]}), file=sys.__stdout__)
 
 
 if __name__ == "__main__":

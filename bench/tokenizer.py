@@ -36,6 +36,7 @@ def train_directly(texts: list[str], vocab_size: int) -> None:
 
 
 def main() -> None:
+    sys.stdout = sys.stderr  # the stages' progress lines; only the JSON line goes to stdout
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample-bytes", type=int, default=8_000_000)
     parser.add_argument("--vocab-size", type=int, default=4096)
@@ -60,7 +61,7 @@ def main() -> None:
         "stage_mb_per_s": round(sample_mb / stage, 3), "direct_mb_per_s": round(sample_mb / direct, 3),
         "stage_over_direct": round(direct / stage, 3), "stage_s": [round(s, 2) for s in stage_s],
         "direct_s": [round(s, 2) for s in direct_s], "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-    }))
+    }), file=sys.__stdout__)
 
 
 if __name__ == "__main__":
