@@ -2,7 +2,6 @@
 # and `make test` (set up, run the whole test suite).
 VENV ?= .venv
 BIN := $(VENV)/bin
-export DS_ACCELERATOR ?= cpu
 
 .PHONY: setup demo demo-bert test test-fast clean
 

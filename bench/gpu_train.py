@@ -2,9 +2,9 @@
 
 configs/gpt2-124m.yaml (12 layers, d_model 768, seq_len 1024, vocab 50304, bf16, ZeRO-1) on synthetic
 token shards, micro-batch --micro-batch per GPU, no gradient accumulation, run by
-`torchrun --nproc_per_node <GPUs> -m pipeline.train` for --steps steps with metrics every 10 steps.
+`torchrun --nproc_per_node <GPUs> -m pipeline.training` for --steps steps with metrics every 10 steps.
 MFU is the stage's own figure: 6N + 12 L d T FLOPs per token (models.flops_per_token) over the GPU's
-dense bf16 peak from pipeline.train.GPU_PEAK_FLOPS. Figures are medians over the logged windows after
+dense bf16 peak from pipeline.training.meter.GPU_PEAK_FLOPS. Figures are medians over the logged windows after
 the first (warm-up). Without CUDA it prints a `skipped` line, unless overrides are given (a CPU smoke
 run of the same path, e.g. `train.precision=fp32 model.n_layers=2`). One JSON line.
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from loader import synthetic_shards  # noqa: E402  (bench/loader.py)
 
 from pipeline.config import dump_config, load_config  # noqa: E402
-from pipeline.tracking import read_metrics  # noqa: E402
+from pipeline.tracking.journal import read_metrics  # noqa: E402
 
 
 def run(args, tmp: Path) -> dict:
@@ -45,7 +45,7 @@ def run(args, tmp: Path) -> dict:
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_config(config))
     command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.gpus), "-m",
-               "pipeline.train", "--run-dir", str(run_dir), "--shards", str(shards)]
+               "pipeline.training", "--run-dir", str(run_dir), "--shards", str(shards)]
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

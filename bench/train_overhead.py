@@ -2,7 +2,7 @@
 
 Both loops train the same GPT (d_model 256, 4 layers, seq_len 128, micro-batch 8: about 4M parameters)
 from the same seed on the same synthetic shards, in fp32 on the CPU, in one process:
-- stage: pipeline.train's `setup` + `train` (DeepSpeed ZeRO 0 engine, the loader, metrics every 10
+- stage: pipeline.training.loop's `setup` + `train` (DeepSpeed ZeRO 0 engine, the loader, metrics every 10
   steps, the per-step checkpoint-request all-reduce); `ratio` uses the tokens/s the stage reports (it
   leaves out evaluation and checkpoints), `ratio_wall_with_checkpoint` the wall clock of whole rounds,
   each ending with the checkpoint the stage always writes at its last step;
@@ -38,7 +38,7 @@ from pipeline.config import dump_config, load_config  # noqa: E402
 from pipeline.data import TokenDataset  # noqa: E402
 from pipeline.engine import lr_multiplier, param_groups  # noqa: E402
 from pipeline.modeling import build_model  # noqa: E402
-from pipeline.train import make_loader, setup, train  # noqa: E402
+from pipeline.training.loop import make_loader, setup, train  # noqa: E402
 
 MODEL = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.max_seq_len=128",
          f"tokenizer.vocab_size={VOCAB}", "train.micro_batch_size=8", "train.grad_accum_steps=1",
@@ -72,12 +72,14 @@ def bare_loop(config, shard_dir: Path):
 def stage_loop(config, shard_dir: Path, run_dir: Path):
     """The same, through the train stage's own loop; yields (the tokens/s it reports, wall-clock
     tokens/s of the whole round, which includes the checkpoint the stage always writes at the end)."""
-    run = setup(config, run_dir, shard_dir)
+    run, callbacks = setup(config, run_dir, shard_dir, shards_verified=False)
     steps = yield
     while True:
         run.config.train.max_steps = run.step + steps
-        started = time.perf_counter()
-        reported = train(run)["tokens_per_s"]
+        started, meter = time.perf_counter(), run.meter
+        steps_before, seconds_before = meter.total_steps, meter.total_seconds
+        train(run, callbacks)
+        reported = (meter.total_steps - steps_before) * run.tokens_per_step / (meter.total_seconds - seconds_before)
         wall = steps * run.tokens_per_step / (time.perf_counter() - started)
         steps = yield reported, wall
 
@@ -123,7 +125,7 @@ def main() -> None:
         "rounds_tokens_per_s": {name: [round(r, 1) for r in values] for name, values in rates.items()},
     }))
     sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown with a live process group (see pipeline.train.main)
+    os._exit(0)  # skip interpreter teardown with a live process group (see pipeline.training.torchrun.main)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Settings:
 - `default`: fp32, DeepSpeed's default bucket sizes, the model built whole on every rank before
   deepspeed.initialize (how NOTES-infra measured "no saving");
 - `sized`: fp32, the pipeline's own config (buckets sized for the model; ZeRO-3 under zero.Init, which
-  also installs DeepSpeed's memory-efficient linear), as pipeline.train runs;
+  also installs DeepSpeed's memory-efficient linear), as pipeline.training runs;
 - `sized_malloc`: `sized` with MALLOC_MMAP_THRESHOLD_=131072, so glibc returns freed transient buffers
   to the OS instead of keeping them resident (costs ~30% CPU throughput; a diagnosis, not a default);
 - `sized_bf16`: `sized` in bf16 mixed precision, the case `pretrain plan`'s ZeRO arithmetic describes.
@@ -105,7 +105,7 @@ def worker(args) -> None:
     from pipeline.data import TokenDataset
     from pipeline.ds_config import deepspeed_config
     from pipeline.modeling import build_model
-    from pipeline.train import make_loader
+    from pipeline.training.loop import make_loader
 
     ds_engine.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 
-from launch.slurm import add_slurm_commands
-from pipeline.config import ConfigError, config_reference_markdown, dump_config, load_config
-
-STAGES = ("tokenizer", "shard", "train", "eval")
+from launch.slurm.commands import add_slurm_commands
+from pipeline.config import config_reference_markdown, dump_config, load_config
+from pipeline.errors import UserError
+from pipeline.rundir import CONFIG_FILE, EVAL_DIR, STAGES, SUMMARY_FILE, absolute_paths, config_path, run_dir_of
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -77,22 +76,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from pipeline.orchestrate import run_pipeline
 
-    config_path = Path(args.run_dir) / "config.yaml"
-    config = load_config(config_path, args.overrides)
+    config = load_config(config_path(Path(args.run_dir)), args.overrides)
     _print_run_summary(config, run_pipeline(config))
     return 0
 
 
 def _print_run_summary(config, results: dict) -> None:
-    from pipeline.orchestrate import absolute_paths, run_dir_of
-
     run_dir = run_dir_of(absolute_paths(config))
-    summary = run_dir / "eval" / "summary.txt"
+    summary = run_dir / EVAL_DIR / SUMMARY_FILE
     if "eval" in results and summary.is_file():
         print(summary.read_text(encoding="utf-8"), end="")
     print(f"\nrun directory: {run_dir}")
     # The run's resolved config names the store even when the command line overrode the workdir.
-    print(f"open the MLflow UI: pretrain ui {run_dir / 'config.yaml'}")
+    print(f"open the MLflow UI: pretrain ui {run_dir / CONFIG_FILE}")
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
@@ -127,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [task for item in args.lm_eval for task in item.split(",") if task] if args.lm_eval else None
     evaluate_existing_run(run_dir, args.checkpoint, lm_eval_tasks=tasks,
                           lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
-    print((run_dir / "eval" / "summary.txt").read_text(), end="")
+    print((run_dir / EVAL_DIR / SUMMARY_FILE).read_text(encoding="utf-8"), end="")
     return 0
 
 
@@ -135,13 +131,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export_hf
 
     run_dir = Path(args.run_dir)
-    out = export_hf(load_config(run_dir / "config.yaml"), run_dir, Path(args.out), args.checkpoint)
+    out = export_hf(load_config(config_path(run_dir)), run_dir, Path(args.out), args.checkpoint)
     print(f"exported {run_dir} to {out} (Hugging Face format)")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline.tracking import compare_runs, format_table
+    from pipeline.tracking.compare import compare_runs, format_table
 
     source = load_config(args.config) if args.config else (args.uri or _default_uri())
     print(format_table(compare_runs(source, args.experiment, sort_by=args.sort)))
@@ -149,7 +145,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from pipeline.tracking import start_ui, stop_ui, tracking_uri
+    from pipeline.tracking.names import tracking_uri
+    from pipeline.tracking.ui import start_ui, stop_ui
 
     uri = tracking_uri(load_config(args.config)) if args.config else (args.uri or _default_uri())
     log_path = Path(tempfile.gettempdir()) / f"pretrain-ui-{args.port}.log"
@@ -165,7 +162,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from pipeline.tracking import sync_run
+    from pipeline.tracking.store import sync_run
 
     sent = sync_run(Path(args.run_dir), uri=args.uri)
     print(f"sent {sent} metric values from {args.run_dir}")
@@ -173,7 +170,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _default_uri() -> str:
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.names import tracking_uri
 
     return tracking_uri(load_config(None))
 
@@ -265,7 +262,6 @@ def _add_tracking_commands(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_nvidia_gpu() else "cuda")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -277,19 +273,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report_error(exc: Exception) -> int:
-    from pipeline.errors import is_user_error
-
-    if isinstance(exc, ConfigError) or is_user_error(exc):
+    if isinstance(exc, UserError):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with tempfile.NamedTemporaryFile("w", prefix="pretrain-error-", suffix=".txt", delete=False) as log:
         traceback.print_exception(exc, file=log)
     print(f"error: {exc} (traceback: {log.name})", file=sys.stderr)
     return 1
-
-
-def _has_nvidia_gpu() -> bool:
-    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia").exists()
 
 
 if __name__ == "__main__":

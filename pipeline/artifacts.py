@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel
+from pipeline.config import to_plain
+from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
 FINGERPRINT_CHARS = 16
@@ -31,19 +32,7 @@ _TEMP_PREFIX = ".tmp-"
 
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: equal values give equal text on every machine."""
-    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    return json.dumps(to_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -72,7 +61,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(_plain(value), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(to_plain(value), indent=2, sort_keys=False) + "\n")
 
 
 @dataclass(frozen=True)
@@ -100,16 +89,22 @@ def read_manifest(directory: str | Path) -> dict | None:
 
 
 def build_stage(workdir: str | Path, stage: str, fingerprint_: str, *, code_version: str,
-                inputs: dict[str, str], build_fn: Callable[[Path], dict | None]) -> StageResult:
-    """Reuse `<workdir>/cache/<stage>/<fingerprint>/` if complete, else build it atomically.
+                inputs: dict[str, str], build_fn: Callable[[Path], dict | None],
+                verify: Callable[[Path], None] | None = None) -> StageResult:
+    """Reuse `<workdir>/cache/<stage>/<fingerprint>/` if complete and sound, else build it atomically.
 
     `build_fn(temp_dir)` writes the stage's files into temp_dir and returns its figures (or None).
+    A cached entry is sound when every output its manifest lists exists and `verify(directory)` (if
+    given) raises no UserError; an unsound one is deleted and rebuilt, saying why.
     """
     final = stage_dir(workdir, stage, fingerprint_)
     manifest = read_manifest(final)
     if manifest is not None and manifest.get("fingerprint") == fingerprint_:
-        print(f"reusing cached {stage} {fingerprint_} ({final})", flush=True)
-        return StageResult(final, manifest, reused=True)
+        problem = _cache_problem(final, manifest, verify)
+        if problem is None:
+            print(f"reusing cached {stage} {fingerprint_} ({final})", flush=True)
+            return StageResult(final, manifest, reused=True)
+        print(f"cached {stage} {fingerprint_} is damaged ({problem}); rebuilding it", flush=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(final.parent)
     if final.exists():  # a directory without a valid manifest was not made by build_stage: distrust it
@@ -125,6 +120,19 @@ def build_stage(workdir: str | Path, stage: str, fingerprint_: str, *, code_vers
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _cache_problem(directory: Path, manifest: dict, verify: Callable[[Path], None] | None) -> str | None:
+    """Why a cached entry cannot be reused, or None."""
+    missing = [name for name in manifest.get("outputs", []) if not (directory / name).is_file()]
+    if missing:
+        return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+    if verify is not None:
+        try:
+            verify(directory)
+        except UserError as exc:
+            return str(exc)
+    return None
 
 
 def _manifest(stage: str, fingerprint_: str, code_version: str, inputs: dict[str, str], directory: Path,

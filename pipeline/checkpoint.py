@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import shutil
 import tempfile
 import traceback
@@ -35,14 +34,20 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import atomic_write_text
-from pipeline.config import Config, ConfigError
-from pipeline.errors import StorageError
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-COMPLETE = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"
-_TAG = re.compile(r"^step-(\d{8})$")
+from pipeline.config import Config, flatten, lookup
+from pipeline.errors import ConfigError, StorageError
+from pipeline.rundir import (
+    COMPLETE,
+    LATEST,
+    TRAINER_STATE,
+    checkpoints_dir,
+    complete_checkpoints,
+    latest_pointer,
+    latest_tag,
+    read_trainer_state,
+    tag_dirs,
+    tag_for,
+)
 
 # Config keys a resumed run must keep: changing them changes the model, its parameters' layout in the
 # checkpoint, or the token stream. Everything else (max_steps, cadences, lr, ...) may change on resume.
@@ -51,47 +56,15 @@ FROZEN_KEYS = ("model", "tokenizer", "data.sources", "data.val_permille", "data.
                "train.offload_optimizer", "train.offload_params")
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def tag_for(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def latest_tag(run_dir: Path) -> str | None:
-    """The tag `latest` points at, when that checkpoint is complete; None for a fresh run."""
-    pointer = checkpoints_dir(run_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text(encoding="utf-8").strip()
-    if not (checkpoints_dir(run_dir) / tag / COMPLETE).is_file():
-        raise FileNotFoundError(f"{pointer} names {tag!r}, which is not a complete checkpoint; point it at "
-                                f"a complete step-* directory or delete it to start over")
-    return tag
-
-
 def fingerprint(config: Config) -> str:
     """sha256 of the frozen part of the config (FROZEN_KEYS)."""
-    frozen = {key: _lookup(config.model_dump(mode="json"), key) for key in FROZEN_KEYS}
+    frozen = {key: lookup(config.model_dump(mode="json"), key) for key in FROZEN_KEYS}
     return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()
-
-
-def _lookup(tree: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict) or not tree:
-        return {prefix.rstrip("."): tree}
-    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
 
 
 def config_changes(saved: dict[str, Any], config: Config) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (saved value, new value)} for every leaf that differs."""
-    old, new = _flatten(saved), _flatten(config.model_dump(mode="json"))
+    old, new = flatten(saved), flatten(config.model_dump(mode="json"))
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if old.get(key) != new.get(key)}
 
@@ -154,7 +127,7 @@ def _failed_writes_reported(run_dir: Path, path: Path, rank: int) -> Iterator[No
     except (OSError, RuntimeError) as exc:
         if not _is_write_failure(exc):
             raise
-        latest = _pointer(run_dir)
+        latest = latest_pointer(run_dir)
         if rank == 0 and latest != path.name:
             shutil.rmtree(path, ignore_errors=True)
         kept = f"the last good checkpoint {latest} is kept as `latest`" if latest else "there is no earlier checkpoint"
@@ -171,11 +144,6 @@ def _is_write_failure(exc: BaseException) -> bool:
         return True
     return any(Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
                for frame, _ in traceback.walk_tb(exc.__traceback__))
-
-
-def _pointer(run_dir: Path) -> str | None:
-    pointer = checkpoints_dir(run_dir) / LATEST
-    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
 
 
 def _free_bytes(directory: Path) -> int:
@@ -196,7 +164,7 @@ def check_storage(run_dir: Path, checkpoint_bytes: int, keep: int) -> None:
     except OSError as exc:
         raise StorageError(f"{root} is not writable ({exc.strerror or exc}); make it writable or set run.workdir "
                            "to a writable directory") from None
-    existing = len([p for p in _tag_dirs(root) if (p / COMPLETE).is_file()])
+    existing = len(complete_checkpoints(run_dir))
     needed, free = checkpoint_bytes * (keep + 1 - min(existing, keep)), shutil.disk_usage(root).free
     if needed > free:
         raise StorageError(f"{root} has {free:,} bytes free but this run needs about {needed:,} for its "
@@ -206,10 +174,9 @@ def check_storage(run_dir: Path, checkpoint_bytes: int, keep: int) -> None:
 
 def prune(run_dir: Path, keep: int) -> None:
     """Delete complete checkpoints older than the newest `keep`, and partial ones older than latest."""
-    root = checkpoints_dir(run_dir)
     latest = latest_tag(run_dir)
-    complete = sorted(p for p in _tag_dirs(root) if (p / COMPLETE).is_file())
-    stale = complete[:-keep] + [p for p in _tag_dirs(root) if not (p / COMPLETE).is_file() and p.name < latest]
+    complete = complete_checkpoints(run_dir)
+    stale = complete[:-keep] + [p for p in tag_dirs(run_dir) if not (p / COMPLETE).is_file() and p.name < latest]
     for path in stale:
         if path.name != latest:
             shutil.rmtree(path, ignore_errors=True)
@@ -219,20 +186,12 @@ def remove_partial(run_dir: Path) -> list[Path]:
     """Delete checkpoint directories a crash left behind (rank 0, before training): those without
     COMPLETE, and complete ones newer than `latest` (killed between COMPLETE and moving `latest`;
     training would write that step again into the same directory)."""
-    latest = _pointer(run_dir)
-    debris = [p for p in _tag_dirs(checkpoints_dir(run_dir))
+    latest = latest_pointer(run_dir)
+    debris = [p for p in tag_dirs(run_dir)
               if not (p / COMPLETE).is_file() or (latest is not None and p.name > latest)]
     for path in debris:
         shutil.rmtree(path, ignore_errors=True)
     return debris
-
-
-def _tag_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and _TAG.match(p.name)) if root.is_dir() else []
-
-
-def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------

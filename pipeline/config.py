@@ -12,21 +12,19 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-
-class ConfigError(ValueError):
-    """A config problem, already phrased as one line that names the file, the key and the fix."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message))
-
-
-def _one_line(text: str) -> str:
-    """Escape newlines and other unprintable characters, which YAML keys and CLI arguments may hold."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+from pipeline.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -208,6 +206,10 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(500, ge=0, description="Checkpoint every N steps (and always at the "
                                   "end); 0 checkpoints only at the end.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    profile_at_step: int | None = Field(None, gt=0, description="Record a torch profiler trace of "
+                                        "train.profile_steps optimizer steps from this step into "
+                                        "`<run_dir>/profile/` (Chrome trace: open it in Perfetto); None: off.")
+    profile_steps: int = Field(3, gt=0, description="Optimizer steps the profiler records.")
     max_bad_steps: int = Field(5, ge=0, description="Steps with a non-finite loss or gradient (their update "
                                "is skipped) tolerated within train.bad_step_window steps; one more rolls back "
                                "to the last checkpoint and continues with the data after the bad batch.")
@@ -271,6 +273,11 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 
+# The keys `Config._resolve` fills in when they are left unset.
+_DERIVABLE = {"model": ("vocab_size",),
+              "train": ("seq_len", "micro_batch_size", "grad_accum_steps", "global_batch_size", "max_steps")}
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity and places.")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus and sharding.")
@@ -281,10 +288,16 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray and workers.")
 
+    # Dotted keys whose values `_resolve` derived (the user left them unset): `dump_config` writes them
+    # back as unset, so a dumped config re-derives them (after a world-size or vocabulary change too).
+    _derived: set[str] = PrivateAttr(default_factory=set)
+
     @model_validator(mode="after")
     def _resolve(self) -> Config:
         """Fill derived values (vocab size, seq_len, batch triple, steps) and check they agree."""
         m, t = self.model, self.train
+        self._derived = {f"{section}.{key}" for section, keys in _DERIVABLE.items()
+                         for key in keys if getattr(getattr(self, section), key) is None}
         if m.vocab_size is None:
             m.vocab_size = math.ceil(self.tokenizer.vocab_size / m.pad_vocab_multiple) * m.pad_vocab_multiple
         _check(m.vocab_size >= self.tokenizer.vocab_size, f"model.vocab_size={m.vocab_size} is smaller than "
@@ -418,7 +431,7 @@ def _descend(node: Any, kind: Any, path: list[str]) -> tuple[Any, Any]:
                               f"set it as {_dotted(path)}=VALUE")
         if node.get(slot) is None:
             default = kind.model_fields[slot].get_default(call_default_factory=True)
-            node[slot] = _plain(default) if default is not None else {}
+            node[slot] = to_plain(default) if default is not None else {}
     elif isinstance(node, dict):  # free-form mapping such as train.deepspeed
         node.setdefault(slot, {})
     return node[slot], child
@@ -441,12 +454,26 @@ def _slot(node: Any, kind: Any, path: list[str]) -> str | int:
     return key
 
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
+    """Models, paths, tuples and nested containers as plain JSON-able dicts, lists and scalars."""
     if isinstance(value, BaseModel):
-        return value.model_dump(exclude_unset=True)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
     return value
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts and lists -> {"a.b.0.c": leaf} (the dot-path override syntax); empty ones stay leaves."""
+    if isinstance(tree, (list, tuple)) and tree:
+        tree = {str(i): item for i, item in enumerate(tree)}
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
 
 
 def _list_index(node: list, key: str, path: list[str]) -> int:
@@ -508,8 +535,26 @@ def _safe_load(text: str, what: str) -> Any:
 
 
 def dump_config(config: Config) -> str:
-    """The fully resolved config as YAML, in section order; loading it gives the same config."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML in section order: every value the user set or left at its default, and the
+    derived values as null (loading it derives them again, so it can be edited and rerun), followed by
+    a comment listing what they resolve to now."""
+    given = config.model_dump(mode="json")
+    derived = {key: lookup(given, key) for key in sorted(config._derived)}
+    for key in derived:
+        section, name = key.split(".")
+        given[section][name] = None
+    text = yaml.safe_dump(given, sort_keys=False)
+    if derived:
+        text += "# Derived from the values above (null means derived; set one to pin it):\n"
+        text += "".join(f"#   {key}: {value}\n" for key, value in derived.items())
+    return text
+
+
+def lookup(tree: dict[str, Any], dotted: str) -> Any:
+    """The value at a dot path of nested dicts."""
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def config_reference_markdown() -> str:

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.errors import DataError
+
 if TYPE_CHECKING:
     import torch
 
@@ -42,10 +44,6 @@ IGNORE_INDEX = -100  # label of unmasked positions, skipped by torch's cross-ent
 # Domain tags keep the generators for permutation, subsampling and masking independent.
 _PERMUTE, _SUBSAMPLE, _MASK = 0, 1, 2
 _HASH_CHUNK = 1 << 22
-
-
-class DataError(ValueError):
-    """A data problem, phrased as one line that names the file or key and the fix."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -90,6 +88,18 @@ def check_shard_files(shard_dir: Path, index: dict, split: str, verify_checksums
                             f"tokens ({expected} bytes): {fix}")
         if verify_checksums and file_sha256(path) != shard["sha256"]:
             raise DataError(f"shard {shard['file']} fails its sha256 check (corrupt or modified): {fix}")
+
+
+def verify_shards(shard_dir: str | Path, verify_checksums: bool) -> dict:
+    """The whole shard directory is usable: index.json, every split's shard sizes (and sha256 when
+    asked) and the tokenizer copy. Done once per run, by the driver (or rank 0 under torchrun), before
+    any rank reads; returns the index. DataError names the first bad file and the fix."""
+    shard_dir = Path(shard_dir)
+    index = read_index(shard_dir)
+    for split in index["splits"]:
+        check_shard_files(shard_dir, index, split, verify_checksums)
+    check_tokenizer_files(shard_dir, index)
+    return index
 
 
 def tokenizer_hashes(tokenizer_dir: Path) -> dict[str, str]:
@@ -143,15 +153,14 @@ class _SourceStream:
 class TokenDataset:
     """One split of a shard directory: per-source token streams memory-mapped, never read into RAM."""
 
-    def __init__(self, shard_dir: str | Path, split: str = "train", verify_checksums: bool = False):
+    def __init__(self, shard_dir: str | Path, split: str = "train"):
         self.shard_dir = Path(shard_dir)
         self.index = read_index(self.shard_dir)
         if split not in self.index["splits"]:
             raise DataError(f"{self.shard_dir}: no split `{split}` (splits: {', '.join(self.index['splits'])})")
         self.split = split
         self.vocab_size: int = self.index["vocab_size"]
-        check_shard_files(self.shard_dir, self.index, split, verify_checksums)
-        check_tokenizer_files(self.shard_dir, self.index)
+        check_shard_files(self.shard_dir, self.index, split, verify_checksums=False)  # sizes: cheap
         shards = self.index["splits"][split]["shards"]
         self.total_tokens: int = sum(s["tokens"] for s in shards)
         self.source_bytes: int = sum(s["source_bytes"] for s in shards)

@@ -33,7 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+from pipeline.runtime import accelerator_name, distributed_backend
+
+# DeepSpeed picks its accelerator once, at import, from this variable (and prints a warning to stdout
+# without it): the one process-wide setting the project makes, before the one deepspeed import.
+os.environ.setdefault("DS_ACCELERATOR", accelerator_name())
 
 import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
@@ -46,22 +50,16 @@ from pipeline.config import Config, TrainConfig  # noqa: E402
 from pipeline.errors import CheckpointError  # noqa: E402
 from pipeline.modeling import build_model  # noqa: E402
 
-
 # The non-tensor types DeepSpeed pickles into its checkpoints (ZeRO optimizer states, loss scalers):
 # plain data holders whose unpickling runs no code of the file's choosing.
 SAFE_GLOBALS = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
-
-
-def backend() -> str:
-    """NCCL when CUDA is available, gloo on CPU."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def init_distributed() -> torch.device:
     """Join the process group (torchrun's env:// variables) unless one exists (Ray Train made it);
     returns this rank's device."""
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend(), verbose=False)
+        deepspeed.init_distributed(dist_backend=distributed_backend(torch.cuda.is_available()), verbose=False)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -230,7 +228,7 @@ def load_checkpoint(engine, checkpoints_dir: Path, tag: str) -> None:
     """Restore model, optimizer, scheduler (and loss scaler) from `<checkpoints_dir>/<tag>/`."""
     path, _ = engine.load_checkpoint(str(checkpoints_dir), tag=tag)
     if path is None:
-        raise FileNotFoundError(f"{checkpoints_dir / tag}: DeepSpeed found no checkpoint to load; delete "
+        raise CheckpointError(f"{checkpoints_dir / tag}: DeepSpeed found no checkpoint to load; delete "
                                 f"the directory to start over")
     scheduler = engine.lr_scheduler  # apply the schedule of the current config (max_steps may have changed)
     for group, base_lr, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,

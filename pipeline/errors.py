@@ -1,30 +1,69 @@
-"""Which errors a user can fix from the message alone: the CLI prints them as one line, no traceback."""
+"""Errors a user can fix from the message alone. A leaf: it imports nothing from the project.
+
+Every `UserError` is already phrased as one line that names the file, key or value and the fix. The
+CLI, the torchrun entry point and the Ray boundaries catch `UserError` and nothing else: they print
+the line (no traceback on the console) and keep the traceback in the run's `logs/`. Anything else
+is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
-from pipeline.config import ConfigError
+
+def one_line(text: str) -> str:
+    """Escape newlines and other unprintable characters, which YAML keys, paths and CLI arguments may hold."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-class StorageError(RuntimeError):
-    """The run directory cannot hold the run's checkpoints: unwritable, too little free space, or a
-    write failed (the message names the directory, the bytes involved and the fix)."""
+class UserError(Exception):
+    """A problem in the user's input or environment, with its fix; shown as one console line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(str(message)))
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that must not be loaded: it holds pickled objects this pipeline never writes."""
+class ConfigError(UserError):
+    """A config key, value, override or command-line argument is wrong."""
 
 
-class TrainingDiverged(RuntimeError):
+class DataError(UserError):
+    """A corpus, shard directory or index.json cannot be used (missing, corrupt, inconsistent)."""
+
+
+class StorageError(UserError):
+    """The run directory cannot hold the run: unwritable, too little free space, or a write failed."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot or must not be loaded (missing, incomplete, or pickling code)."""
+
+
+class TrainingDiverged(UserError):
     """Too many steps with a non-finite loss or gradient and no checkpoint to roll back to."""
 
 
-def is_user_error(exc: BaseException) -> bool:
-    """Config, data, export, tracking, storage and checkpoint problems, diverged training, stage failures
-    (whose traceback is already in the run's logs/) and missing or unwritable files."""
-    from pipeline.data import DataError
-    from pipeline.export import ExportError
-    from pipeline.orchestrate import RunStopped, StageFailed
-    from pipeline.tracking import TrackingError
+class TrackingError(UserError):
+    """MLflow could not be reached or refused a request the user asked for (sync, compare, UI)."""
 
-    known = (ConfigError, DataError, ExportError, RunStopped, StageFailed, TrackingError, StorageError,
-             CheckpointError, TrainingDiverged, FileNotFoundError, NotADirectoryError, PermissionError)
-    return isinstance(exc, known)
+
+class ExportError(UserError):
+    """A checkpoint cannot be exported to, or evaluated in, the requested format."""
+
+
+class SlurmError(UserError):
+    """A Slurm setting, site file or job request is wrong, or Slurm refused it."""
+
+
+class StageFailed(UserError):
+    """A pipeline stage raised: names the stage and its traceback file; earlier artifacts are kept."""
+
+    def __init__(self, stage: str, cause: str, log: object) -> None:
+        super().__init__(f"stage `{stage}` failed: {cause} (traceback: {log}; artifacts of earlier stages are kept)")
+        self.stage = stage
+
+
+class RunStopped(UserError):
+    """Training stopped on request (SIGTERM) after writing a checkpoint; later stages did not run."""
+
+    def __init__(self, run_dir: object, step: int) -> None:
+        super().__init__(f"run stopped on request at step {step} after a checkpoint; continue it with "
+                         f"`pretrain resume {run_dir}`")
+        self.step = step

@@ -27,12 +27,8 @@ the other 85% of the text on both sides; it is no likelihood of the text and no 
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -42,14 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.artifacts import atomic_write_json, atomic_write_text
-from pipeline.checkpoint import checkpoints_dir, read_trainer_state
 from pipeline.config import Config
-from pipeline.data import IGNORE_INDEX, BatchLoader, DataError, TokenDataset
-from pipeline.tokenizer import load_tokenizer, special_token_ids
+from pipeline.data import IGNORE_INDEX, BatchLoader, TokenDataset
+from pipeline.errors import DataError
+from pipeline.harness import run_lm_eval
+from pipeline.rundir import EVAL_DIR, REPORT_FILE, SUMMARY_FILE, checkpoints_dir, read_trainer_state
+from pipeline.tokenizer import bert_masking_ids, load_tokenizer, special_token_ids
 
-EVAL_DIR = "eval"
-REPORT_FILE = "report.json"
-SUMMARY_FILE = "summary.txt"
 FILL_MASK_TOP_K = 5
 FILL_MASK_FRACTION = 0.15  # of each prompt's tokens, as in MLM training
 
@@ -116,10 +111,7 @@ def evaluation_report(config: Config, model: nn.Module, tokenizer, shard_dir: st
 def validation_loader(config: Config, dataset: TokenDataset, tokenizer, micro_batch_size: int) -> BatchLoader:
     """The val split in order, as the training loop's in-loop validation reads it on one rank."""
     family = config.model.family
-    masking = {}
-    if family == "bert":
-        special = special_token_ids(tokenizer, family)
-        masking = {"mask_token_id": special.mask, "special_token_ids": special.all}
+    masking = bert_masking_ids(tokenizer) if family == "bert" else {}
     return BatchLoader(dataset, family=family, seq_len=config.train.seq_len, micro_batch_size=micro_batch_size,
                        rank=0, world_size=1, seed=config.run.seed, shuffle=False, **masking)
 
@@ -245,103 +237,6 @@ def fill_mask_examples(config: Config, model: nn.Module, tokenizer) -> list[dict
         examples.append({"prompt": prompt, "masked_text": tokenizer.decode(masked, skip_special_tokens=False),
                          "filled_text": tokenizer.decode(filled), "predictions": predictions})
     return examples
-
-
-# ---------------------------------------------------------------------------------------------
-# lm-evaluation-harness
-
-
-def force_offline() -> None:
-    """Never download: the hub libraries read these variables once, at import, so modules already
-    imported get their switches set too."""
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    if "huggingface_hub.constants" in sys.modules:
-        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-    if "datasets.config" in sys.modules:
-        sys.modules["datasets.config"].HF_HUB_OFFLINE = sys.modules["datasets.config"].HF_DATASETS_OFFLINE = True
-
-
-def run_lm_eval(export_dir: str | Path, tasks: list[str], include_path: str | Path | None = None,
-                limit: int | float | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
-    """Score an exported causal LM with lm-evaluation-harness, offline: {task: {metric: value}}.
-
-    Tasks come from lm-eval's built-in YAMLs (their datasets must be in the HF datasets cache) or from
-    `include_path`, a directory of task YAMLs; `dataset_kwargs.data_files` in those resolve against
-    that directory. `limit` caps the documents per task (a count, or a fraction below 1)."""
-    force_offline()
-    try:
-        import lm_eval
-    except ImportError:
-        raise ImportError("lm-eval is not installed; install the eval extra: pip install -e '.[eval]'") from None
-    export_dir = Path(export_dir).resolve()
-    check_causal_export(export_dir)
-    include_dir = Path(include_path).resolve() if include_path is not None else None
-    if include_dir is not None and not include_dir.is_dir():
-        raise FileNotFoundError(f"{include_path}: the lm-eval include path must be a directory of task YAML files")
-    task_manager = lm_eval_task_manager(tasks, include_dir)
-    # datasets resolves relative data_files against the working directory: make that the tasks' directory.
-    with _working_directory(include_dir):
-        results = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(export_dir), "dtype": "float32"}, tasks=list(tasks),
-            task_manager=task_manager, device="cuda" if torch.cuda.is_available() else "cpu",
-            batch_size=batch_size, limit=limit, log_samples=False)
-    return lm_eval_scores(results)
-
-
-def check_causal_export(export_dir: Path) -> None:
-    config_file = export_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{export_dir}: no config.json; export the run first (`pretrain export RUN_DIR`)")
-    architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
-    if not any(name.endswith("ForCausalLM") or name.endswith("LMHeadModel") for name in architectures):
-        raise ValueError(f"{config_file}: lm-eval scores causal LMs, this is {architectures}; "
-                         "run lm-eval on a model.family=gpt run")
-
-
-def lm_eval_task_manager(tasks: list[str], include_dir: Path | None):
-    """Index only the include directory when it holds every task: indexing lm-eval's ~15k built-in
-    task YAMLs takes tens of seconds on a small machine."""
-    from lm_eval.tasks import TaskManager
-
-    if include_dir is not None:
-        local = TaskManager(include_path=str(include_dir), include_defaults=False)
-        if all(task in local.all_tasks for task in tasks):
-            return local
-    manager = TaskManager(include_path=str(include_dir) if include_dir else None)
-    unknown = [task for task in tasks if task not in manager.all_tasks]
-    if unknown:
-        raise ValueError(f"lm-eval tasks {unknown} are unknown; check the names (`lm-eval ls tasks`) or pass "
-                         "the directory of their task YAML as the include path")
-    return manager
-
-
-@contextmanager
-def _working_directory(path: Path | None):
-    if path is None:
-        yield
-        return
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def lm_eval_scores(results: dict) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from simple_evaluate's results; "acc,none" becomes "acc" (no filter),
-    non-numeric entries (aliases, "N/A" stderrs) are dropped; "samples" is the documents scored."""
-    scores = {}
-    for task, values in results["results"].items():
-        task_scores = {}
-        for key, value in values.items():
-            metric, _, filter_name = key.partition(",")
-            if filter_name and isinstance(value, (int, float)) and not isinstance(value, bool):
-                task_scores[metric if filter_name == "none" else key] = float(value)
-        if task in results.get("n-samples", {}):
-            task_scores["samples"] = results["n-samples"][task]["effective"]
-        scores[task] = task_scores
-    return scores
 
 
 def merge_lm_eval(report: dict, scores: dict[str, dict[str, float]]) -> None:

@@ -22,13 +22,10 @@ from torch import nn
 
 from models.hf import hf_arch, to_hf
 from pipeline.artifacts import MANIFEST
-from pipeline.checkpoint import COMPLETE, checkpoints_dir, latest_tag
 from pipeline.config import Config, EvalConfig
+from pipeline.errors import ExportError
 from pipeline.modeling import build_model, model_config
-
-
-class ExportError(ValueError):
-    """An export problem, phrased as one line naming the config key or file and the fix."""
+from pipeline.rundir import RunState, checkpoints_dir, resolve_checkpoint
 
 
 def check_exportable(config: Config) -> str:
@@ -57,21 +54,7 @@ def export_hf(config: Config, run_dir: str | Path, out_dir: str | Path, checkpoi
 
 def run_tokenizer_dir(run_dir: str | Path) -> Path:
     """The tokenizer directory a run was trained with, from its run.json."""
-    from pipeline.orchestrate import RunState
-
     return RunState.load(Path(run_dir)).output("tokenizer")
-
-
-def resolve_checkpoint(run_dir: str | Path, checkpoint_tag: str | None = None) -> str:
-    """`checkpoint_tag`, or the run's latest; FileNotFoundError when it is missing or incomplete."""
-    root = checkpoints_dir(Path(run_dir))
-    tag = checkpoint_tag or latest_tag(Path(run_dir))
-    if tag is None:
-        raise FileNotFoundError(f"{root}: no checkpoint; train the run first (`pretrain run CONFIG`)")
-    if not (root / tag / COMPLETE).is_file():
-        available = sorted(p.name for p in root.glob("step-*") if (p / COMPLETE).is_file())
-        raise FileNotFoundError(f"{root / tag}: not a complete checkpoint; pick one of {available or 'none'}")
-    return tag
 
 
 def load_checkpoint_model(config: Config, run_dir: str | Path, checkpoint_tag: str | None = None
@@ -79,7 +62,7 @@ def load_checkpoint_model(config: Config, run_dir: str | Path, checkpoint_tag: s
     """(the model consolidated in fp32 from a checkpoint of any ZeRO stage, in eval mode; its tag)."""
     from pipeline.engine import consolidated_state_dict  # imports deepspeed: only when a run is loaded
 
-    tag = resolve_checkpoint(run_dir, checkpoint_tag)
+    tag = resolve_checkpoint(Path(run_dir), checkpoint_tag).name
     state = consolidated_state_dict(checkpoints_dir(Path(run_dir)), tag)
     model = build_model(config)
     try:
@@ -121,7 +104,7 @@ def _write_export(model: nn.Module, tokenizer_dir: Path, directory: Path, genera
 def copy_tokenizer_files(tokenizer_dir: Path, directory: Path) -> None:
     """Every file of the tokenizer directory except the stage manifest (which describes the cache entry)."""
     if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json; pass the tokenizer stage's output "
+        raise ExportError(f"{tokenizer_dir}: no tokenizer.json; pass the tokenizer stage's output "
                                 "directory (`pretrain run CONFIG --only tokenizer` builds it)")
     directory.mkdir(parents=True, exist_ok=True)
     for path in tokenizer_dir.iterdir():

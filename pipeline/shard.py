@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import shutil
 import sys
 import time
@@ -36,11 +35,20 @@ from tqdm import tqdm
 
 from pipeline.artifacts import StageResult, atomic_write_json, build_stage, fingerprint
 from pipeline.config import Config, DataConfig
-from pipeline.data import INDEX_FILE, INDEX_FORMAT_VERSION, SHARD_TOKENIZER_DIR, SPLITS, token_dtype, tokenizer_hashes
-from pipeline.sources import Document, SourceReader, corpus_identity, is_validation, iter_corpus, make_readers
+from pipeline.data import (
+    INDEX_FILE,
+    INDEX_FORMAT_VERSION,
+    SHARD_TOKENIZER_DIR,
+    SPLITS,
+    token_dtype,
+    tokenizer_hashes,
+    verify_shards,
+)
+from pipeline.runtime import ray_connection
+from pipeline.sources import Document, SourceReader, is_validation, iter_corpus, make_readers
 from pipeline.tokenizer import load_tokenizer, special_token_ids, tokenizer_stage
 
-CODE_VERSION = "shard-2"  # 2: index.json holds the sha256 of each tokenizer file
+CODE_VERSION = "shard-3"  # 2: index.json holds tokenizer sha256s; 3: fingerprint over the corpus fingerprint
 WINDOW_BYTES = 64 << 20  # text tokenized per round trip to the workers: bounds the driver's memory
 BATCH_DOCUMENTS = 64  # documents per tokenizer call (and per Ray Data batch)
 BLOCKS_PER_WORKER = 8  # more blocks than workers, so a worker that finishes early takes more work
@@ -144,33 +152,21 @@ def documents_table(documents: list[Document]) -> pa.Table:
 
 
 @contextlib.contextmanager
-def tokenize_executor(num_workers: int, **tokenize_args) -> Iterator[Callable[[list[Document]], Iterator[pa.Table]]]:
-    """A function mapping documents to tables of results, on 1 process or N Ray Data workers."""
+def tokenize_executor(config: Config, **tokenize_args) -> Iterator[Callable[[list[Document]], Iterator[pa.Table]]]:
+    """A function mapping documents to tables of results, on 1 process or N Ray Data workers (on the
+    Ray the pipeline runs on, or one started for this stage)."""
+    num_workers = config.data.num_workers
     if num_workers == 1:
         tokenize = TokenizeBatch(**tokenize_args)
         yield lambda documents: (tokenize(documents_table(documents[start:start + BATCH_DOCUMENTS]))
                                  for start in range(0, len(documents), BATCH_DOCUMENTS))
         return
-    with _ray_session(num_workers):
-        yield lambda documents: _ray_tokenize(documents, num_workers, tokenize_args)
-
-
-@contextlib.contextmanager
-def _ray_session(num_workers: int) -> Iterator[None]:
-    """Use the Ray cluster the pipeline runs in, or start a local one for this stage only."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=False,
-                 logging_level="WARNING", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the stage shows its own, over bytes
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-execution plan lines
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
+    with ray_connection(config):
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the stage shows its own, over bytes
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-execution plan lines
+        yield lambda documents: _ray_tokenize(documents, num_workers, tokenize_args)
 
 
 def _ray_tokenize(documents: list[Document], num_workers: int, tokenize_args: dict) -> Iterator[pa.Table]:
@@ -196,7 +192,7 @@ def write_shards(config: Config, tokenizer_dir: Path, tokenizer_fp: str, directo
     readers = make_readers(data)
     tokenize_args = {"tokenizer_dir": str(tokenizer_dir), "separator_id": separator_id, "dtype": dtype.name,
                      "val_permille": data.val_permille}
-    with tokenize_executor(data.num_workers, **tokenize_args) as tokenize, \
+    with tokenize_executor(config, **tokenize_args) as tokenize, \
             tqdm(unit="B", unit_scale=True, desc="shard", disable=None) as bar:
         for window in document_windows(iter_corpus(data, readers), WINDOW_BYTES):
             results = pa.concat_tables(tokenize(window)).sort_by(
@@ -239,17 +235,20 @@ def source_summaries(readers: list[SourceReader], splits: dict) -> list[dict]:
             for i, reader in enumerate(readers)]
 
 
-def shard_fingerprint(config: Config, tokenizer_fp: str, corpus: list[dict]) -> str:
+def shard_fingerprint(config: Config, tokenizer_fp: str, corpus_fp: str) -> str:
     # num_workers and verify_checksums do not change the bytes written, so they stay out.
     data = config.data.model_dump(mode="json", exclude={"num_workers", "verify_checksums"})
-    return fingerprint("shard", CODE_VERSION, data, config.model.family, tokenizer_fp, corpus)
+    return fingerprint("shard", CODE_VERSION, data, config.model.family, tokenizer_fp, corpus_fp)
 
 
-def shard_stage(config: Config) -> StageResult:
-    """Build (or reuse) the tokenizer, then the shards; both from the content-addressed cache."""
-    tokenizer = tokenizer_stage(config)
-    corpus = corpus_identity(config.data)
+def shard_stage(config: Config, tokenizer: StageResult | None = None) -> StageResult:
+    """The shards of the corpus, from the content-addressed cache or built; `tokenizer` is the tokenizer
+    stage's result (built or reused here when not given). A cached entry is checked before reuse
+    (file sizes, and sha256 with data.verify_checksums) and rebuilt when it fails."""
+    tokenizer = tokenizer or tokenizer_stage(config)
+    corpus_fp = tokenizer.manifest["inputs"]["corpus"]  # the corpus identity, computed once per run
     return build_stage(
-        config.run.workdir, "shard", shard_fingerprint(config, tokenizer.fingerprint, corpus),
-        code_version=CODE_VERSION, inputs={"tokenizer": tokenizer.fingerprint, "corpus": fingerprint(corpus)},
-        build_fn=lambda directory: write_shards(config, tokenizer.path, tokenizer.fingerprint, directory))
+        config.run.workdir, "shard", shard_fingerprint(config, tokenizer.fingerprint, corpus_fp),
+        code_version=CODE_VERSION, inputs={"tokenizer": tokenizer.fingerprint, "corpus": corpus_fp},
+        build_fn=lambda directory: write_shards(config, tokenizer.path, tokenizer.fingerprint, directory),
+        verify=lambda directory: verify_shards(directory, config.data.verify_checksums))

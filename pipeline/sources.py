@@ -24,7 +24,7 @@ from typing import Iterator
 import fsspec
 
 from pipeline.config import DataConfig, SourceConfig
-from pipeline.data import DataError
+from pipeline.errors import DataError
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 HUB_PREFIX = "hf:"

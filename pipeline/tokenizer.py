@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.artifacts import StageResult, atomic_write_json, build_stage, fingerprint
 from pipeline.config import Config, DataConfig
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from pipeline.sources import corpus_identity, is_validation, make_readers
 
 CODE_VERSION = "tokenizer-1"
@@ -101,6 +101,12 @@ def special_token_ids(tokenizer: Tokenizer | str | Path, family: str) -> Special
                         "another model.family; rebuild it with `pretrain tokenizer CONFIG`")
     return SpecialTokenIds(separator=ids[SEPARATOR[family]], all=tuple(sorted(ids.values())),
                            pad=ids.get("[PAD]"), mask=ids.get("[MASK]"), cls=ids.get("[CLS]"))
+
+
+def bert_masking_ids(tokenizer: Tokenizer | str | Path) -> dict:
+    """The BatchLoader arguments BERT's masking needs: the [MASK] id and the ids never to mask."""
+    special = special_token_ids(tokenizer, "bert")
+    return {"mask_token_id": special.mask, "special_token_ids": special.all}
 
 
 def sample_corpus(data: DataConfig, sample_bytes: int) -> Iterator[str]:

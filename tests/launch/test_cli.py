@@ -62,3 +62,19 @@ def test_plan_table_for_llama_1b_partitions_model_states():
     dp = 8
     assert rows[3][3] == pytest.approx(rows[0][3] / dp, abs=0.002)
     assert "1,100,048,384 parameters" in out.stdout
+
+
+def test_config_show_output_can_be_edited_and_used(tmp_path):
+    """Derived values are shown as null with a comment, so an edit that changes what they derive
+    from (the vocabulary, the world size) works instead of contradicting the old derived values."""
+    out = pretrain("config", "show", "configs/gpt-tiny.yaml")
+    assert out.returncode == 0
+    assert "# Derived from the values above" in out.stdout and "#   model.vocab_size: 4096" in out.stdout
+    edited = out.stdout.replace("vocab_size: 4096", "vocab_size: 8192").replace("num_workers: 2", "num_workers: 1")
+    config = tmp_path / "edited.yaml"
+    config.write_text(edited)
+    checked = pretrain("config", "check", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert "global batch 8 = 8 x 1 x 1 workers" in checked.stdout
+    shown = pretrain("config", "show", str(config))
+    assert "#   model.vocab_size: 8192" in shown.stdout

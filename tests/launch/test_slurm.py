@@ -11,9 +11,11 @@ import pytest
 import yaml
 
 from launch.cli import main
-from launch.slurm import (TEMPLATE, SlurmError, SlurmSettings, combination_name, load_settings, parse_sweep,
-                          render_template, split_values, sweep_combinations)
+from launch.slurm.render import (combination_name, parse_sweep, render_template, split_values, sweep_combinations,
+                                 template_text)
+from launch.slurm.settings import SlurmSettings, load_settings
 from pipeline.config import load_config
+from pipeline.errors import SlurmError
 
 REPO = Path(__file__).resolve().parents[2]
 GPT_TINY = str(REPO / "configs" / "gpt-tiny.yaml")
@@ -89,7 +91,7 @@ def test_gpu_allocation_sets_workers_and_cpus_per_worker(capsys, workdir, tmp_pa
     lines = out.splitlines()
     for line in ("#SBATCH --gpus-per-node=4", "#SBATCH --account=proj1", "#SBATCH --qos=high",
                  "module load cuda/12.4 nccl", "source /shared/venv/bin/activate", 'export OMP_NUM_THREADS="8"',
-                 'export NCCL_SOCKET_IFNAME="ib0"', 'export DS_ACCELERATOR="cuda"'):
+                 'export NCCL_SOCKET_IFNAME="ib0"'):
         assert line in lines, line
     assert "NCCL_DEBUG" not in out and "RAY_PORT=31000" in out and "--object-store-memory=2000000000" in out
 
@@ -106,7 +108,7 @@ def test_template_and_values_must_match():
 
 
 def test_repository_template_has_the_preemption_directives():
-    text = TEMPLATE.read_text()
+    text = template_text()
     assert "#SBATCH {{requeue}}" in text and "#SBATCH --signal=B:USR1@{{signal_seconds}}" in text
     assert "srun --nodes=1 --ntasks=1" in text and "ray_start --head" in text
 
@@ -257,6 +259,7 @@ def test_status_shows_stages_checkpoint_job_and_mlflow_url(capsys, workdir, fake
     checkpoint = run_dir / "checkpoints" / "step-00000020"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 20, "tokens_seen": 40960}))
+    (checkpoint / "COMPLETE").touch()
     (run_dir / "checkpoints" / "latest").write_text("step-00000020\n")
     (run_dir / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "time_ms": 0, "metrics": {"train/loss": 9.0 - s / 10}}) + "\n" for s in (1, 25)))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tracking
+from pipeline.tracking import ui
 
 
 def free_port() -> int:
@@ -30,13 +30,13 @@ def mlflow_server(tmp_path):
 
     def start(port: int | None = None):
         uri = f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}"
-        process, url = tracking.start_ui(uri, port or free_port(), tmp_path / "server.log")
+        process, url = ui.start_ui(uri, port or free_port(), tmp_path / "server.log")
         started.append(process)
         return process, url
 
     yield start
     for process in started:
-        tracking.stop_ui(process)
+        ui.stop_ui(process)
 
 
 @pytest.fixture

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import (
-    MANIFEST, atomic_write_json, atomic_write_text, build_stage, fingerprint, read_manifest, stage_dir,
+    MANIFEST,
+    atomic_write_json,
+    atomic_write_text,
+    build_stage,
+    fingerprint,
+    read_manifest,
+    stage_dir,
 )
 from pipeline.config import load_config
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.config import ConfigError, load_config
+from pipeline import checkpoint, rundir
+from pipeline.config import load_config
+from pipeline.errors import CheckpointError, ConfigError
 
 
 def fake_engine_save(root, tag):
@@ -27,13 +28,13 @@ def test_layout_and_latest_pointer(tmp_path):
     assert path == tmp_path / "checkpoints" / "step-00000020"
     assert {p.name for p in path.iterdir()} == {"mp_rank_00_model_states.pt", "rng", "trainer_state.json", "COMPLETE"}
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000020\n"
-    assert checkpoint.latest_tag(tmp_path) == "step-00000020"
-    assert checkpoint.read_trainer_state(path) == {"step": 20}
+    assert rundir.latest_tag(tmp_path) == "step-00000020"
+    assert rundir.read_trainer_state(path) == {"step": 20}
     assert not list((tmp_path / "checkpoints").glob(".*tmp"))  # atomic writes leave no temp files
 
 
 def test_no_checkpoint_means_a_fresh_run(tmp_path):
-    assert checkpoint.latest_tag(tmp_path) is None
+    assert rundir.latest_tag(tmp_path) is None
     assert checkpoint.resume_point(tmp_path, load_config(None)) is None
 
 
@@ -49,7 +50,7 @@ def test_only_rank_0_marks_complete_and_only_after_the_barrier(tmp_path):
         assert not (tmp_path / "checkpoints" / "latest").exists()
 
     save(tmp_path, 5, rank=0, barrier=barrier)
-    assert checkpoint.latest_tag(tmp_path) == "step-00000005"
+    assert rundir.latest_tag(tmp_path) == "step-00000005"
 
 
 def test_keeps_the_newest_n_and_removes_partial_debris(tmp_path):
@@ -62,7 +63,7 @@ def test_keeps_the_newest_n_and_removes_partial_debris(tmp_path):
 def test_partial_checkpoints_are_ignored_and_removed_before_resume(tmp_path):
     save(tmp_path, 10)
     fake_engine_save(tmp_path / "checkpoints", "step-00000020")  # killed while saving
-    assert checkpoint.latest_tag(tmp_path) == "step-00000010"
+    assert rundir.latest_tag(tmp_path) == "step-00000010"
     assert checkpoint.remove_partial(tmp_path) == [tmp_path / "checkpoints" / "step-00000020"]
     assert not (tmp_path / "checkpoints" / "step-00000020").exists()
 
@@ -70,8 +71,8 @@ def test_partial_checkpoints_are_ignored_and_removed_before_resume(tmp_path):
 def test_latest_pointing_at_an_incomplete_checkpoint_is_an_error(tmp_path):
     save(tmp_path, 10)
     (tmp_path / "checkpoints" / "step-00000010" / "COMPLETE").unlink()
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        checkpoint.latest_tag(tmp_path)
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        rundir.latest_tag(tmp_path)
 
 
 def test_rng_states_round_trip(tmp_path):

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Config, ConfigError, config_reference_markdown, dump_config, load_config
+from pipeline.config import Config, config_reference_markdown, dump_config, load_config
+from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))

@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from launch.cli import main
-from pipeline.config import SECTIONS, Config, ConfigError, SourceConfig, dump_config, load_config
+from pipeline.config import SECTIONS, Config, SourceConfig, dump_config, load_config
+from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,

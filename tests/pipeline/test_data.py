@@ -7,9 +7,16 @@ import pytest
 import torch
 
 from pipeline.data import (
-    IGNORE_INDEX, BatchLoader, DataError, TokenDataset, check_vocab_fits, epoch_sample_table, inspect_shards,
+    IGNORE_INDEX,
+    BatchLoader,
+    TokenDataset,
+    check_vocab_fits,
+    epoch_sample_table,
+    inspect_shards,
     target_counts,
+    verify_shards,
 )
+from pipeline.errors import DataError
 from pipeline.tokenizer import special_token_ids
 
 
@@ -31,7 +38,8 @@ def stream(dataset, source=0):
 
 
 def test_dataset_totals_match_index(tiny_shard_dir):
-    dataset = TokenDataset(tiny_shard_dir, "train", verify_checksums=True)
+    verify_shards(tiny_shard_dir, verify_checksums=True)
+    dataset = TokenDataset(tiny_shard_dir, "train")
     split = dataset.index["splits"]["train"]
     assert dataset.total_tokens == split["tokens"] > 0 and dataset.source_bytes == split["source_bytes"]
     assert dataset.vocab_size == 512
@@ -178,8 +186,9 @@ def test_flipped_byte_fails_the_checksum_naming_the_shard(tiny_shard_dir, tmp_pa
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
     TokenDataset(copy)  # sizes still match: only the checksum can tell
+    verify_shards(copy, verify_checksums=False)
     with pytest.raises(DataError, match=f"shard {shard.name} fails its sha256 check"):
-        TokenDataset(copy, verify_checksums=True)
+        verify_shards(copy, verify_checksums=True)
 
 
 def test_truncated_and_missing_shards(tiny_shard_dir, tmp_path):

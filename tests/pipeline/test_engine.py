@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.engine import backend, enable_activation_checkpointing, lr_multiplier, param_groups
+from pipeline.engine import enable_activation_checkpointing, lr_multiplier, param_groups
 from pipeline.modeling import build_model
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=16", "tokenizer.vocab_size=320"]
@@ -60,7 +60,3 @@ def test_activation_checkpointing_keeps_the_gradients():
         model(ids, labels=ids).loss.backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
-
-
-def test_backend_is_gloo_on_cpu():
-    assert backend() == ("nccl" if torch.cuda.is_available() else "gloo")

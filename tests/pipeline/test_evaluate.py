@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.evaluate import (bits_per_byte, evaluate, evaluate_run, format_summary, merge_lm_eval, run_lm_eval,
-                               write_report)
+from pipeline.evaluate import (
+    bits_per_byte,
+    evaluate,
+    evaluate_run,
+    format_summary,
+    merge_lm_eval,
+    write_report,
+)
+from pipeline.errors import ExportError
 from pipeline.export import export_model
+from pipeline.harness import run_lm_eval
 from pipeline.modeling import build_model
 from pipeline.tokenizer import load_tokenizer
 from tests.pipeline.test_export import random_model, tiny_config, trained_run  # noqa: F401 (a fixture)
@@ -95,7 +103,7 @@ def test_lm_eval_runs_a_local_task_offline(tiny_shard_dir, tmp_path, monkeypatch
 def test_lm_eval_refuses_a_masked_lm(tiny_bert_shard_dir, tmp_path):
     config = tiny_config("bert")
     export_dir = export_model(random_model(config), tiny_bert_shard_dir / "tokenizer", tmp_path / "hf")
-    with pytest.raises(ValueError, match="causal"):
+    with pytest.raises(ExportError, match="causal"):
         run_lm_eval(export_dir, [TINY_TASK], include_path=LM_EVAL_TASKS)
 
 

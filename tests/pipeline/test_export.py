@@ -12,7 +12,8 @@ import torch
 from torch.testing import assert_close
 
 from pipeline.config import load_config
-from pipeline.export import ExportError, check_exportable, export_hf, export_model, resolve_checkpoint
+from pipeline.errors import CheckpointError, ExportError
+from pipeline.export import check_exportable, export_hf, export_model, resolve_checkpoint
 from pipeline.modeling import build_model
 from pipeline.tokenizer import load_tokenizer, special_token_ids
 
@@ -114,7 +115,7 @@ def test_export_replaces_a_previous_export_and_a_failed_one_leaves_it(tiny_shard
     export_model(random_model(config, seed=2), tiny_shard_dir / "tokenizer", out)
     second = (out / "model.safetensors").read_bytes()
     assert second != first
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(ExportError, match="tokenizer.json"):
         export_model(random_model(config, seed=3), tmp_path / "no-tokenizer", out)
     assert (out / "model.safetensors").read_bytes() == second
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary directory left behind
@@ -122,14 +123,14 @@ def test_export_replaces_a_previous_export_and_a_failed_one_leaves_it(tiny_shard
 
 def test_missing_or_incomplete_checkpoints_are_named(tmp_path):
     run_dir = tmp_path / "run"
-    with pytest.raises(FileNotFoundError, match="no checkpoint; train the run first"):
+    with pytest.raises(CheckpointError, match="no checkpoint; train the run first"):
         resolve_checkpoint(run_dir)
     (run_dir / "checkpoints" / "step-00000004").mkdir(parents=True)
     (run_dir / "checkpoints" / "step-00000004" / "COMPLETE").touch()
     (run_dir / "checkpoints" / "step-00000008").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"not a complete checkpoint; pick one of \['step-00000004'\]"):
+    with pytest.raises(CheckpointError, match=r"not a complete checkpoint; pick one of \['step-00000004'\]"):
         resolve_checkpoint(run_dir, "step-00000008")
-    assert resolve_checkpoint(run_dir, "step-00000004") == "step-00000004"
+    assert resolve_checkpoint(run_dir, "step-00000004").name == "step-00000004"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,11 +29,19 @@ import psutil
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, rundir
 from pipeline.config import load_config
-from pipeline.data import DataError, TokenDataset, epoch_sample_table, file_sha256, target_counts, windows_per_source
-from pipeline.errors import CheckpointError, StorageError
-from pipeline.tracking import METRIC_TRAIN_LOSS, read_metrics
+from pipeline.data import (
+    TokenDataset,
+    epoch_sample_table,
+    file_sha256,
+    target_counts,
+    verify_shards,
+    windows_per_source,
+)
+from pipeline.errors import CheckpointError, DataError, StorageError
+from pipeline.tracking.journal import read_metrics
+from pipeline.tracking.names import METRIC_TRAIN_LOSS
 from tests.pipeline import test_train
 from tests.pipeline.test_train import TINY, figures, losses, make_run_dir, torchrun, train_with_torchrun, wait_for
 
@@ -105,14 +113,14 @@ def first_pass_losses(run_dir: Path) -> dict[int, float]:
 def branch_from(source: Path, tag_step: int, run_dir: Path, overrides: list[str], samples_consumed: int) -> Path:
     """A new run directory resuming from `source`'s checkpoint of tag_step, with the loader moved to
     samples_consumed: what a skip or a rollback should be equivalent to."""
-    tag = checkpoint.tag_for(tag_step)
+    tag = rundir.tag_for(tag_step)
     make_run_dir(run_dir, overrides)
-    shutil.copytree(checkpoint.checkpoints_dir(source) / tag, checkpoint.checkpoints_dir(run_dir) / tag)
-    state_file = checkpoint.checkpoints_dir(run_dir) / tag / checkpoint.TRAINER_STATE
+    shutil.copytree(rundir.checkpoints_dir(source) / tag, rundir.checkpoints_dir(run_dir) / tag)
+    state_file = rundir.checkpoints_dir(run_dir) / tag / rundir.TRAINER_STATE
     state = json.loads(state_file.read_text())
     state["loader"]["samples_consumed"] = samples_consumed
     state_file.write_text(json.dumps(state))
-    (checkpoint.checkpoints_dir(run_dir) / checkpoint.LATEST).write_text(tag + "\n")
+    (rundir.checkpoints_dir(run_dir) / rundir.LATEST).write_text(tag + "\n")
     return run_dir
 
 
@@ -130,7 +138,7 @@ def train_runs(runs: dict[str, tuple[Path, Path]], tmp: Path) -> None:
 
 def failing_run(run_dir: Path, shards: Path, tmp: Path) -> str:
     """A launch expected to fail with a one-line error (exit code 2 of the workers, 1 of torchrun)."""
-    process = torchrun(2, ["-m", "pipeline.train", "--run-dir", str(run_dir), "--shards", str(shards)], tmp)
+    process = torchrun(2, ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(shards)], tmp)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 1 and "exitcode  : 2" in output, output[-4000:]
     return output
@@ -189,9 +197,9 @@ def kill_a_training_worker(run_dir: Path, killed: list[int]) -> None:
     """Two steps after the first checkpoint, SIGKILL one Ray Train worker of this test's own Ray (the
     test process's descendants: other Ray instances on the machine are not touched)."""
     deadline = time.monotonic() + 300
-    while not (checkpoint.checkpoints_dir(run_dir) / checkpoint.LATEST).exists() or \
-            max(losses(run_dir), default=0) < checkpoint.read_trainer_state(checkpoint.checkpoints_dir(run_dir) /
-                                                                           checkpoint.latest_tag(run_dir))["step"] + 2:
+    while not (rundir.checkpoints_dir(run_dir) / rundir.LATEST).exists() or \
+            max(losses(run_dir), default=0) < rundir.read_trainer_state(rundir.checkpoints_dir(run_dir) /
+                                                                           rundir.latest_tag(run_dir))["step"] + 2:
         if time.monotonic() > deadline:
             return
         time.sleep(0.01)
@@ -212,22 +220,24 @@ def _name(process: psutil.Process) -> str:
 def test_worker_killed_under_ray_train_restarts_from_the_latest_checkpoint(tiny_shard_dir, tmp_path):
     """The reference is an uninterrupted Ray Train run: torchrun's launch reduces gradients through
     DeepSpeed's own CPU all-reduce, Ray's through gloo, which round differently in the last bit."""
-    from pipeline.orchestrate import ray_connection
-    from pipeline.train import run_training
+    from pipeline.runtime import ray_connection
+    from pipeline.training.ray_train import run_training
 
-    config = load_config(None, [*TINY, *RAY_RUN, "cluster.max_failures=1"])
-    run_dir, killed = tmp_path / "run", []
+    overrides = [*RAY_RUN, "cluster.max_failures=1"]
+    config = load_config(None, [*TINY, *overrides])
+    run_dir, killed = make_run_dir(tmp_path / "run", overrides), []
     with ray_connection(config):
-        run_training(config, tiny_shard_dir, tmp_path / "reference")
+        run_training(config, tiny_shard_dir, make_run_dir(tmp_path / "reference", overrides))
         killer = threading.Thread(target=kill_a_training_worker, args=(run_dir, killed), daemon=True)
         killer.start()
         result = run_training(config, tiny_shard_dir, run_dir)
         killer.join()
     assert len(killed) == 1 and not psutil.pid_exists(killed[0])
-    assert result["steps"] == 60 and result["resumed_from_step"] in range(10, 60, 10)
+    resumed_from = result.figures["resumed_from_step"]
+    assert result.steps == 60 and resumed_from in range(10, 60, 10)
     steps = [r["step"] for r in records(run_dir) if METRIC_TRAIN_LOSS in r["metrics"]]
-    restart = [i for i, step in enumerate(steps) if step == result["resumed_from_step"] + 1][1]  # trained again
-    assert max(steps[:restart]) >= result["resumed_from_step"] + 2  # the kill came after these steps
+    restart = [i for i, step in enumerate(steps) if step == resumed_from + 1][1]  # trained again
+    assert max(steps[:restart]) >= resumed_from + 2  # the kill came after these steps
     assert losses(run_dir) == losses(tmp_path / "reference")
 
 
@@ -238,15 +248,15 @@ def test_worker_killed_under_ray_train_restarts_from_the_latest_checkpoint(tiny_
 def freeze_while_writing(process: subprocess.Popen, run_dir: Path) -> tuple[Path, list[psutil.Process]]:
     """Stop every process of the launch at a moment when a checkpoint directory exists without its
     COMPLETE marker and an earlier checkpoint is `latest`; returns that directory and the processes."""
-    root = checkpoint.checkpoints_dir(run_dir)
+    root = rundir.checkpoints_dir(run_dir)
     while True:
-        latest = checkpoint.latest_tag(run_dir) if (root / checkpoint.LATEST).exists() else None
+        latest = rundir.latest_tag(run_dir) if (root / rundir.LATEST).exists() else None
         partial = [p for p in root.glob("step-*") if latest and p.name > latest and not (p / "COMPLETE").exists()]
         if partial:
             processes = launch_processes(process)
             for p in processes:
                 p.suspend()
-            if partial[0].is_dir() and not (partial[0] / checkpoint.COMPLETE).exists():
+            if partial[0].is_dir() and not (partial[0] / rundir.COMPLETE).exists():
                 return partial[0], processes
             for p in processes:  # it completed meanwhile: wait for the next one
                 p.resume()
@@ -257,21 +267,21 @@ def freeze_while_writing(process: subprocess.Popen, run_dir: Path) -> tuple[Path
 @pytest.mark.slow
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(trained, tiny_shard_dir, tmp_path):
     run_dir = make_run_dir(tmp_path / "run", CRASH_RUN)
-    process = torchrun(2, ["-m", "pipeline.train", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)],
+    process = torchrun(2, ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)],
                        tmp_path / "tmp")
     partial, processes = freeze_while_writing(process, run_dir)
     for p in processes:
         p.kill()
     process.communicate()
-    latest = checkpoint.latest_tag(run_dir)  # raises unless it names a complete checkpoint
-    assert latest < partial.name and partial.is_dir() and not (partial / checkpoint.COMPLETE).exists()
-    previous = checkpoint.checkpoints_dir(run_dir) / latest
+    latest = rundir.latest_tag(run_dir)  # raises unless it names a complete checkpoint
+    assert latest < partial.name and partial.is_dir() and not (partial / rundir.COMPLETE).exists()
+    previous = rundir.checkpoints_dir(run_dir) / latest
 
     output = train_with_torchrun(run_dir, tiny_shard_dir, tmp_path / "tmp")
     assert f"resumed from {previous} " in output
     assert figures(run_dir)["resumed_from_step"] == int(latest.removeprefix("step-"))
     assert losses(run_dir) == losses(trained["crash_reference"])
-    assert all((p / checkpoint.COMPLETE).exists() for p in checkpoint.checkpoints_dir(run_dir).glob("step-*"))
+    assert all((p / rundir.COMPLETE).exists() for p in rundir.checkpoints_dir(run_dir).glob("step-*"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +304,7 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_roll_back(trained, br
     assert by_step[10]["train/rollbacks"] == 1 and by_step[10]["train/skipped_steps"] == 2
     rollback = losses(branches["rollback"])
     assert {s: losses(run)[s] for s in range(9, 13)} == {s: rollback[s] for s in range(9, 13)}
-    state = checkpoint.read_trainer_state(checkpoint.checkpoints_dir(run) / checkpoint.latest_tag(run))
+    state = rundir.read_trainer_state(rundir.checkpoints_dir(run) / rundir.latest_tag(run))
     assert state["step"] == 12 and state["skipped_steps"] == 2 and state["rollbacks"] == 1
     assert state["loader"]["samples_consumed"] == 14 * SAMPLES_PER_STEP  # 12 steps + 2 batches thrown away
     assert all(np.isfinite(v) for v in losses(run).values())
@@ -333,13 +343,13 @@ def test_storage_check_names_directory_bytes_and_fix(tmp_path):
     assert needed == 3 * (free // 2) and "lower train.keep_checkpoints" in message
     # Complete checkpoints already on disk count as written: two kept, one more to write.
     for step in (1, 2):
-        (checkpoint.checkpoints_dir(tmp_path) / checkpoint.tag_for(step)).mkdir()
-        (checkpoint.checkpoints_dir(tmp_path) / checkpoint.tag_for(step) / checkpoint.COMPLETE).touch()
+        (rundir.checkpoints_dir(tmp_path) / rundir.tag_for(step)).mkdir()
+        (rundir.checkpoints_dir(tmp_path) / rundir.tag_for(step) / rundir.COMPLETE).touch()
     checkpoint.check_storage(tmp_path, checkpoint_bytes=free // 2, keep=2)
 
 
 def test_unwritable_run_dir_is_refused_before_ray_starts(tiny_shard_dir, tmp_path):
-    from pipeline.train import run_training
+    from pipeline.training.ray_train import run_training
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -361,23 +371,23 @@ def test_unwritable_run_dir_is_refused_before_ray_starts(tiny_shard_dir, tmp_pat
 @pytest.mark.slow
 def test_disk_full_during_a_save_keeps_latest_and_resumes(trained, tiny_shard_dir, tmpfs, tmp_path):
     run_dir = make_run_dir(tmpfs / "run", DISK_RUN)
-    args = ["-m", "pipeline.train", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)]
+    args = ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)]
     process = torchrun(2, args, tmp_path / "tmp")
-    wait_for(lambda: (checkpoint.checkpoints_dir(run_dir) / checkpoint.LATEST).exists(), process)
+    wait_for(lambda: (rundir.checkpoints_dir(run_dir) / rundir.LATEST).exists(), process)
     processes = launch_processes(process)
     for p in processes:  # fill the disk between two checkpoints: another process ate the space
         p.suspend()
-    assert checkpoint.latest_tag(run_dir) == "step-00000005"
+    assert rundir.latest_tag(run_dir) == "step-00000005"
     filler = tmpfs / "filler"
     filler.write_bytes(b"\0" * (shutil.disk_usage(tmpfs).free - 100_000))
     for p in processes:
         p.resume()
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0
-    assert f"error: writing checkpoint {checkpoint.checkpoints_dir(run_dir) / 'step-00000010'} failed (" in output, output[-8000:]
+    assert f"error: writing checkpoint {rundir.checkpoints_dir(run_dir) / 'step-00000010'} failed (" in output, output[-8000:]
     assert "the last good checkpoint step-00000005 is kept as `latest`" in output
-    assert checkpoint.latest_tag(run_dir) == "step-00000005"
-    assert not (checkpoint.checkpoints_dir(run_dir) / "step-00000010" / checkpoint.COMPLETE).exists()
+    assert rundir.latest_tag(run_dir) == "step-00000005"
+    assert not (rundir.checkpoints_dir(run_dir) / "step-00000010" / rundir.COMPLETE).exists()
 
     filler.unlink()
     train_with_torchrun(run_dir, tiny_shard_dir, tmp_path / "tmp")
@@ -394,13 +404,13 @@ def test_edited_or_missing_tokenizer_file_is_refused_naming_it(tiny_shard_dir, t
     shutil.copytree(tiny_shard_dir, copy)
     tokenizer_json = copy / "tokenizer" / "tokenizer.json"
     assert "tokenizer.json" in json.loads((copy / "index.json").read_text())["tokenizer_sha256"]
-    TokenDataset(copy)
+    verify_shards(copy, verify_checksums=False)
     tokenizer_json.write_text(tokenizer_json.read_text() + " ")  # still valid JSON, other bytes
     with pytest.raises(DataError, match=rf"^tokenizer file {re.escape(str(tokenizer_json))} was changed after"):
-        TokenDataset(copy)
+        verify_shards(copy, verify_checksums=False)
     tokenizer_json.unlink()
     with pytest.raises(DataError, match=rf"^tokenizer file {re.escape(str(tokenizer_json))} is missing"):
-        TokenDataset(copy, "val")
+        verify_shards(copy, verify_checksums=False)
 
 
 @pytest.mark.slow
@@ -445,15 +455,15 @@ def test_checkpoint_with_pickled_code_is_refused_by_every_loader(trained, tiny_b
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained["clean"], run_dir)
-    tag = checkpoint.latest_tag(run_dir)
-    states = checkpoint.checkpoints_dir(run_dir) / tag / "mp_rank_00_model_states.pt"
+    tag = rundir.latest_tag(run_dir)
+    states = rundir.checkpoints_dir(run_dir) / tag / "mp_rank_00_model_states.pt"
     verify_checkpoint(states.parent)  # DeepSpeed's own checkpoint passes
-    consolidated_state_dict(checkpoint.checkpoints_dir(run_dir), tag)
+    consolidated_state_dict(rundir.checkpoints_dir(run_dir), tag)
     marker = tmp_path / "ran"
     saved = torch.load(states, weights_only=False)
     torch.save({**saved, "extra": Payload(marker)}, states)
     with pytest.raises(CheckpointError, match=rf"^refusing to load {re.escape(str(states))}: it pickles posix.system"):
-        consolidated_state_dict(checkpoint.checkpoints_dir(run_dir), tag)
+        consolidated_state_dict(rundir.checkpoints_dir(run_dir), tag)
     make_run_dir(run_dir, [*BERT, "train.checkpoint_every=5", "train.max_steps=14"])
     output = failing_run(run_dir, tiny_bert_shard_dir, tmp_path / "tmp")
     assert f"error: refusing to load {states}" in output

@@ -72,7 +72,7 @@ def test_every_stage_runs_and_the_summary_ends_with_a_sample_and_the_ui_command(
         assert f"\n{stage}: " in first.stdout
     assert "--- sample from prompt 'def __init__(self'" in first.stdout
     assert f"open the MLflow UI: pretrain ui {run_dir / 'config.yaml'}" in first.stdout
-    figures = json.loads((run_dir / "train_figures.json").read_text())
+    figures = run_state(run_dir)["train"]["figures"]
     assert figures["steps"] == MAX_STEPS and figures["world_size"] == 2
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{MAX_STEPS:08d}"
 
@@ -135,24 +135,37 @@ def test_compare_lists_both_runs_from_mlflow(two_runs):
     assert len(rows) == 2 and all("gpt" in row and "FINISHED" in row for row in rows)
 
 
-def test_a_failing_stage_names_itself_and_keeps_earlier_artifacts(two_runs):
-    """Stage by stage with --only/--from; a byte flipped in a shard after sharding fails the train stage."""
+def test_a_corrupt_shard_is_one_line_and_its_fix_works(two_runs):
+    """Stage by stage with --only/--from; a byte flipped in a shard after sharding fails the train stage
+    in the driver, before any worker starts, as one console line naming the stage, the shard and the
+    fix; doing what it says (`pretrain shard CONFIG`) rebuilds the damaged cache entry, and the run
+    then goes on from the train stage."""
     workdir, _, _ = two_runs
-    args = ["run", PRESET, f"run.workdir={workdir}", "run.name=broken", *TINY, "data.max_documents=60"]
+    config_args = [PRESET, f"run.workdir={workdir}", "run.name=broken", *TINY, "data.max_documents=60"]
     for stage in ("tokenizer", "shard"):
-        assert pretrain(*args, "--only", stage).returncode == 0
-    shard_dir = Path(run_state(workdir / "runs" / "broken")["shard"]["path"])
+        assert pretrain("run", *config_args, "--only", stage).returncode == 0
+    run_dir = workdir / "runs" / "broken"
+    shard_dir = Path(run_state(run_dir)["shard"]["path"])
     shard = shard_dir / json.loads((shard_dir / "index.json").read_text())["splits"]["train"]["shards"][0]["file"]
-    data = bytearray(shard.read_bytes())
+    intact = shard.read_bytes()
+    data = bytearray(intact)
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
-    out = pretrain(*args, "--from", "train")
+    out = pretrain("run", *config_args, "--from", "train")
     assert out.returncode == 2
-    assert "stage `train` failed" in out.stderr and f"shard {shard.name} fails its sha256 check" in out.stderr
-    assert "artifacts of earlier stages are kept" in out.stderr
-    state = run_state(workdir / "runs" / "broken")
+    [line] = out.stderr.strip().splitlines()  # no Ray or worker traceback on the console
+    assert line.startswith("error: stage `train` failed:") and f"shard {shard.name} fails its sha256 check" in line
+    assert "rebuild it with `pretrain shard CONFIG`" in line and "artifacts of earlier stages are kept" in line
+    assert "Traceback" in (run_dir / "logs" / "train-error.txt").read_text()
+    state = run_state(run_dir)
     assert state["shard"]["status"] == "done" and state["train"]["status"] == "failed" and "eval" not in state
-    assert shard_dir.is_dir()
+
+    rebuilt = pretrain("shard", *config_args)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert "is damaged" in rebuilt.stdout and shard.read_bytes() == intact
+    resumed = pretrain("run", *config_args, "--from", "train")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [run_state(run_dir)[stage]["status"] for stage in STAGES] == ["done"] * 4
 
 
 def test_sigterm_during_training_checkpoints_and_stops_then_resume_finishes(two_runs, tmp_path):
@@ -176,10 +189,12 @@ def test_sigterm_during_training_checkpoints_and_stops_then_resume_finishes(two_
     client, run = mlflow_run(workdir, run_dir)
     assert run.info.status == "KILLED"
 
-    resumed = pretrain("resume", str(run_dir), "train.max_steps=" + str(stopped_at + 4))
+    # The README's resume command, on another world size: the global batch follows it (it was derived).
+    resumed = pretrain("resume", str(run_dir), "train.max_steps=" + str(stopped_at + 4), "cluster.num_workers=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped_at:08d}'}" in resumed.stdout + resumed.stderr
     assert [run_state(run_dir)[stage]["status"] for stage in STAGES] == ["done"] * 4
+    assert run_state(run_dir)["train"]["figures"]["world_size"] == 1
     client, run = mlflow_run(workdir, run_dir)
     assert run.info.status == "FINISHED"
 

@@ -1,4 +1,3 @@
-import pytest
 
 from models.layers import num_parameters
 from pipeline.config import load_config

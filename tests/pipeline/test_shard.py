@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.artifacts import read_manifest
 from pipeline.config import load_config
-from pipeline.data import DataError, file_sha256, read_index, token_dtype
+from pipeline.data import file_sha256, read_index, token_dtype
+from pipeline.errors import DataError
 from pipeline.shard import shard_stage
 from pipeline.sources import is_validation
 from pipeline.tokenizer import load_tokenizer

@@ -5,9 +5,15 @@ import pytest
 import zstandard
 
 from pipeline.config import SourceConfig, load_config
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from pipeline.sources import (
-    BUILTIN_STDLIB, SourceReader, corpus_identity, is_validation, iter_corpus, resolve_format, stdlib_files,
+    BUILTIN_STDLIB,
+    SourceReader,
+    corpus_identity,
+    is_validation,
+    iter_corpus,
+    resolve_format,
+    stdlib_files,
 )
 
 

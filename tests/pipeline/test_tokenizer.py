@@ -4,11 +4,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import ConfigError, SourceConfig, load_config
-from pipeline.data import DataError
+from pipeline.config import SourceConfig, load_config
+from pipeline.errors import ConfigError, DataError
 from pipeline.sources import BUILTIN_STDLIB, SourceReader
 from pipeline.tokenizer import (
-    FAMILY_SPECIAL_TOKENS, load_tokenizer, special_token_ids, tokenizer_stage, train_tokenizer,
+    FAMILY_SPECIAL_TOKENS,
+    load_tokenizer,
+    special_token_ids,
+    tokenizer_stage,
+    train_tokenizer,
 )
 
 SMALL = ["data.max_documents=30", "tokenizer.vocab_size=400", "tokenizer.sample_bytes=200000"]

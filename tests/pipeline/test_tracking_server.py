@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import tracking
 from pipeline.config import load_config
+from pipeline.tracking import compare, names, store
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_mlflow_request_env")]
 
@@ -23,10 +23,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
-def open_run(tmp_path: Path, url: str, name: str, *overrides: str) -> tracking.Tracker:
+def open_run(tmp_path: Path, url: str, name: str, *overrides: str) -> store.LocalRun:
     config = load_config(None, [f"run.name={name}", f"run.workdir={tmp_path}", f"tracking.uri={url}",
                                 "tracking.experiment=server-tests", *overrides])
-    return tracking.open_tracker(config, tmp_path / "runs" / name, rank=0)
+    return store.open_tracker(config, tmp_path / "runs" / name)
 
 
 def page_text_when(page, wanted: list[str], timeout_s: float = 90) -> str:
@@ -66,24 +66,24 @@ def test_compare_page_shows_both_runs_and_their_val_loss(tmp_path, mlflow_server
     for name, val_loss in val_losses.items():
         tracker = open_run(tmp_path, url, name)
         tracker.log_params({"model": {"family": name.split("-")[1]}})
-        tracker.log_metrics({tracking.METRIC_VAL_LOSS: val_loss}, step=10)
+        tracker.log_metrics({names.METRIC_VAL_LOSS: val_loss}, step=10)
         tracker.finish()
         run_ids.append(tracker.run_id)
 
-    rows = tracking.compare_runs(url, "server-tests")
+    rows = compare.compare_runs(url, "server-tests")
     assert {r["name"]: r["val_loss"] for r in rows} == val_losses
-    page_url = tracking.compare_url(url, rows[0]["experiment_id"], run_ids)
+    page_url = compare.compare_url(url, rows[0]["experiment_id"], run_ids)
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(page_url)
-            text = page_text_when(page, [*val_losses, "\nMetrics\n", tracking.METRIC_VAL_LOSS])
+            text = page_text_when(page, [*val_losses, "\nMetrics\n", names.METRIC_VAL_LOSS])
             page.screenshot(path=str(repo_artifacts_dir / "mlflow-compare-runs.png"), full_page=True)
         finally:
             browser.close()
-    assert compare_page_columns(text, tracking.METRIC_VAL_LOSS) == val_losses, text[-3000:]
+    assert compare_page_columns(text, names.METRIC_VAL_LOSS) == val_losses, text[-3000:]
 
 
 def test_run_keeps_every_metric_step_when_the_server_dies_and_returns(tmp_path, mlflow_server, caplog):
@@ -91,24 +91,24 @@ def test_run_keeps_every_metric_step_when_the_server_dies_and_returns(tmp_path, 
     tracker = open_run(tmp_path, url, "killed", "tracking.request_timeout_s=2", "tracking.max_retries=0")
     tracker.retry_interval_s = 0  # retry on every call, so recovery shows without waiting a minute
     for step in range(10):
-        tracker.log_metrics({tracking.METRIC_TRAIN_LOSS: 10.0 - step * 0.1}, step=step)
+        tracker.log_metrics({names.METRIC_TRAIN_LOSS: 10.0 - step * 0.1}, step=step)
 
     os.killpg(server.pid, signal.SIGKILL)  # a crash, not a clean shutdown
     server.wait()
     started = time.monotonic()
     for step in range(10, 20):
-        tracker.log_metrics({tracking.METRIC_TRAIN_LOSS: 10.0 - step * 0.1}, step=step)
+        tracker.log_metrics({names.METRIC_TRAIN_LOSS: 10.0 - step * 0.1}, step=step)
     assert time.monotonic() - started < 30, "training was held up by the dead server"
 
     mlflow_server(port=int(url.rsplit(":", 1)[1]))  # the same store, back on the same address
     for step in range(20, 30):
-        tracker.log_metrics({tracking.METRIC_TRAIN_LOSS: 10.0 - step * 0.1}, step=step)
+        tracker.log_metrics({names.METRIC_TRAIN_LOSS: 10.0 - step * 0.1}, step=step)
 
     client = MlflowClient(url)
-    history = client.get_metric_history(tracker.run_id, tracking.METRIC_TRAIN_LOSS)
+    history = client.get_metric_history(tracker.run_id, names.METRIC_TRAIN_LOSS)
     assert sorted(m.step for m in history) == list(range(30))  # every step, none twice
     warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.tracking" and r.levelno >= 30]
     assert len(warnings) == 2 and "reachable again" in warnings[1]
     tracker.finish()
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
-    assert tracking.sync_run(tmp_path / "runs" / "killed") == 0
+    assert store.sync_run(tmp_path / "runs" / "killed") == 0

@@ -27,11 +27,14 @@ import psutil
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.config import ConfigError, dump_config, load_config
-from pipeline.tracking import METRIC_TRAIN_LOSS, METRIC_VAL_LOSS, read_metrics
-from pipeline.train import (CHECKPOINT, CHECKPOINT_AND_STOP, FIGURES_FILE, REQUEST_FILE, CheckpointRequests,
-                            peak_flops_per_device)
+from pipeline import checkpoint, rundir
+from pipeline.config import dump_config, load_config
+from pipeline.errors import ConfigError
+from pipeline.rundir import REQUEST_FILE, TRAIN_RESULT_FILE
+from pipeline.tracking.journal import read_metrics
+from pipeline.tracking.names import METRIC_TRAIN_LOSS, METRIC_VAL_LOSS
+from pipeline.training.meter import peak_flops_per_device
+from pipeline.training.requests import CHECKPOINT, CHECKPOINT_AND_STOP, CheckpointRequests
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden" / "gpt_tiny_losses.json"
@@ -77,7 +80,7 @@ def torchrun(nproc: int, args: list[str], tmp: Path, **popen) -> subprocess.Pope
 
 
 def train_with_torchrun(run_dir: Path, shards: Path, tmp: Path, nproc: int = 2) -> str:
-    process = torchrun(nproc, ["-m", "pipeline.train", "--run-dir", str(run_dir), "--shards", str(shards)], tmp)
+    process = torchrun(nproc, ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(shards)], tmp)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-4000:]
     return output
@@ -88,8 +91,13 @@ def losses(run_dir: Path, name: str = METRIC_TRAIN_LOSS) -> dict[int, float]:
     return {r["step"]: r["metrics"][name] for r in read_metrics(run_dir / "metrics.jsonl") if name in r["metrics"]}
 
 
+def result(run_dir: Path) -> dict:
+    """What the torchrun entry recorded: {"figures": {...}, "stopped": bool, "steps": int, ...}."""
+    return json.loads((run_dir / TRAIN_RESULT_FILE).read_text())
+
+
 def figures(run_dir: Path) -> dict:
-    return json.loads((run_dir / FIGURES_FILE).read_text())
+    return result(run_dir)["figures"]
 
 
 def assert_close(actual: dict[int, float], expected: dict[int, float], rel: float) -> None:
@@ -168,18 +176,18 @@ def test_bert_trains_on_masked_tokens(trained):
 @pytest.mark.slow
 def test_figures_metrics_and_checkpoint_layout(trained):
     run_dir = trained["zero2"]
-    result = figures(run_dir)
-    assert result["steps"] == 10 and result["world_size"] == 2 and not result["stopped_on_request"]
-    assert result["tokens_seen"] == 10 * 16 * 32
-    assert result["val_loss"] == losses(run_dir, METRIC_VAL_LOSS)[10]
-    assert result["tokens_per_s"] > 0 and result["mfu"] is None  # no train.peak_flops on CPU
+    recorded = figures(run_dir)
+    assert recorded["steps"] == 10 and recorded["world_size"] == 2 and not result(run_dir)["stopped"]
+    assert recorded["tokens_seen"] == 10 * 16 * 32
+    assert recorded["val_loss"] == losses(run_dir, METRIC_VAL_LOSS)[10]
+    assert recorded["tokens_per_s"] > 0 and recorded["mfu"] is None  # no train.peak_flops on CPU
     record = read_metrics(run_dir / "metrics.jsonl")[0]
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/tokens_seen",
             "train/step_time_s", "train/rss_gib", "train/rss_peak_gib"} <= record["metrics"].keys()
-    tag_dir = checkpoint.checkpoints_dir(run_dir) / checkpoint.latest_tag(run_dir)
-    assert tag_dir.name == "step-00000010" and (tag_dir / checkpoint.COMPLETE).is_file()
+    tag_dir = rundir.checkpoints_dir(run_dir) / rundir.latest_tag(run_dir)
+    assert tag_dir.name == "step-00000010" and (tag_dir / rundir.COMPLETE).is_file()
     assert {p.name for p in (tag_dir / "rng").iterdir()} == {"rank-00000.pt", "rank-00001.pt"}
-    state = checkpoint.read_trainer_state(tag_dir)
+    state = rundir.read_trainer_state(tag_dir)
     assert state["step"] == 10 and state["loader"] == {"epoch": 0, "samples_consumed": 160}
 
 
@@ -189,7 +197,7 @@ def test_consolidated_fp32_state_dict_from_any_stage(trained):
 
     def state(name):
         run_dir = trained[name]
-        return consolidated_state_dict(checkpoint.checkpoints_dir(run_dir), checkpoint.latest_tag(run_dir))
+        return consolidated_state_dict(rundir.checkpoints_dir(run_dir), rundir.latest_tag(run_dir))
 
     reference = state("zero0")
     assert reference["lm_head.weight"].dtype == torch.float32
@@ -206,10 +214,10 @@ def test_sigkill_resume_and_sigterm_stop_match_uninterrupted(trained, tiny_shard
     worker (checkpoint and clean exit), resume again to the end: every loss equals the uninterrupted
     run's, bit for bit."""
     run_dir = make_run_dir(tmp_path / "run", [*LONG, "train.checkpoint_every=4"])
-    args = ["-m", "pipeline.train", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)]
+    args = ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)]
 
     killed = torchrun(2, args, tmp_path / "tmp")
-    wait_for(lambda: (checkpoint.checkpoints_dir(run_dir) / checkpoint.LATEST).exists(), killed)
+    wait_for(lambda: (rundir.checkpoints_dir(run_dir) / rundir.LATEST).exists(), killed)
     agent = psutil.Process(killed.pid)
     for process in [*agent.children(recursive=True), agent]:  # workers run in sessions of their own
         process.kill()
@@ -223,13 +231,13 @@ def test_sigkill_resume_and_sigterm_stop_match_uninterrupted(trained, tiny_shard
     worker.send_signal(signal.SIGTERM)
     output, _ = stopped.communicate(timeout=300)
     assert stopped.returncode == 0, output[-4000:]
-    assert figures(run_dir)["stopped_on_request"] and figures(run_dir)["steps"] < 60
+    assert result(run_dir)["stopped"] and figures(run_dir)["steps"] < 60
     assert "resumed from" in output
 
     train_with_torchrun(run_dir, tiny_shard_dir, tmp_path / "tmp")
     assert figures(run_dir)["steps"] == 60 and figures(run_dir)["resumed_from_step"] > first_leg - 4
     assert losses(run_dir) == losses(trained["long"])
-    complete = [p for p in checkpoint.checkpoints_dir(run_dir).glob("step-*") if (p / checkpoint.COMPLETE).exists()]
+    complete = [p for p in rundir.checkpoints_dir(run_dir).glob("step-*") if (p / rundir.COMPLETE).exists()]
     assert len(complete) == 2  # train.keep_checkpoints
 
 
@@ -243,11 +251,11 @@ def test_resume_on_fewer_ranks_maps_data_position(trained, tiny_shard_dir, tmp_p
     output = train_with_torchrun(run_dir, tiny_shard_dir, tmp_path / "tmp", nproc=1)
     assert "resume: cluster.num_workers changed from 2 to 1" in output
     assert "resume: train.max_steps changed from 10 to 14" in output
-    state = checkpoint.read_trainer_state(checkpoint.checkpoints_dir(run_dir) / "step-00000014")
+    state = rundir.read_trainer_state(rundir.checkpoints_dir(run_dir) / "step-00000014")
     assert state["loader"]["samples_consumed"] == 10 * 16 + 4 * 8 and state["world_size"] == 1
     assert figures(run_dir)["resumed_from_step"] == 10
     assert losses(run_dir)[11] == pytest.approx(losses(run_dir)[10], rel=0.01)  # continues, no jump
-    assert not (checkpoint.checkpoints_dir(run_dir) / "universal").exists()
+    assert not (rundir.checkpoints_dir(run_dir) / "universal").exists()
 
 
 @pytest.mark.slow
@@ -262,11 +270,12 @@ def test_resume_refuses_a_changed_model(trained):
 
 @pytest.mark.slow
 def test_ray_train_run_matches_torchrun(trained, tiny_shard_dir, tmp_path):
-    from pipeline.train import run_training
+    from pipeline.training.ray_train import run_training
 
     config = load_config(None, TINY)
-    result = run_training(config, tiny_shard_dir, tmp_path / "run")
-    assert result["steps"] == 10 and result["world_size"] == 2
+    make_run_dir(tmp_path / "run", [])
+    trained_here = run_training(config, tiny_shard_dir, tmp_path / "run")
+    assert trained_here.steps == 10 and trained_here.figures["world_size"] == 2 and not trained_here.stopped
     assert losses(tmp_path / "run") == losses(trained["zero0"])
 
 
@@ -293,7 +302,7 @@ def test_signals_become_checkpoint_requests(tmp_path):
 
 
 def test_driver_forwards_signals_as_a_request_file(tmp_path):
-    from pipeline.train import forward_signals
+    from pipeline.training.requests import forward_signals
 
     with forward_signals(tmp_path):
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -311,15 +320,15 @@ def _train_runs(argv: list[str]) -> None:
     import torch.distributed as dist
 
     from pipeline.engine import init_distributed
-    from pipeline.train import train_worker
+    from pipeline.training.torchrun import train_and_record
 
     init_distributed()
     for pair in argv:
         run_dir, shard_dir = pair.split("=")
-        train_worker({"run_dir": run_dir, "shard_dir": shard_dir})
+        train_and_record(Path(run_dir), Path(shard_dir))
     sys.stdout.flush()
     dist.destroy_process_group()
-    os._exit(0)  # see pipeline.train.main
+    os._exit(0)  # see pipeline.training.torchrun.main
 
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+from pipeline.training.torchrun import main
+
+main()

@@ -1,0 +1,70 @@
+"""Checkpoint requests: SIGUSR1 asks for a checkpoint at the next step boundary, SIGTERM for a
+checkpoint and a clean stop.
+
+A rank installs the handlers itself when it runs in the main thread (torchrun). Ray runs the training
+function outside the main thread, where no handler can be installed, so the driver forwards the same
+signals by writing `<run_dir>/checkpoint_request` (`forward_signals`), which rank 0 reads. All ranks
+agree on a request through one small all-reduce per step.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from pipeline.artifacts import atomic_write_text
+from pipeline.rundir import REQUEST_FILE
+
+NO_REQUEST, CHECKPOINT, CHECKPOINT_AND_STOP = 0, 1, 2
+_STOP_WORD = "stop"
+
+
+class CheckpointRequests:
+    """The strongest request since the last step boundary, from signals or the driver's request file."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path, self.rank, self.flag = Path(run_dir) / REQUEST_FILE, rank, NO_REQUEST
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGUSR1, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.flag = max(self.flag, CHECKPOINT_AND_STOP if signum == signal.SIGTERM else CHECKPOINT)
+
+    def agreed(self, device: torch.device) -> int:
+        """The strongest request of any rank (one small all-reduce); clears it."""
+        local = self.flag
+        if self.rank == 0 and self.path.exists():
+            local = max(local, CHECKPOINT_AND_STOP if self.path.read_text().strip() == _STOP_WORD else CHECKPOINT)
+            self.path.unlink(missing_ok=True)
+        flag = torch.tensor(local, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.flag = NO_REQUEST
+        return int(flag.item())
+
+    def close(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def forward_signals(run_dir: Path) -> Iterator[None]:
+    """While workers train, SIGUSR1/SIGTERM to this driver become a checkpoint request file."""
+    def forward(signum, frame):
+        atomic_write_text(Path(run_dir) / REQUEST_FILE, _STOP_WORD if signum == signal.SIGTERM else "checkpoint")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
