@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-bert test test-fast clean
+.PHONY: setup demo demo-bert lint test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,11 @@ demo: setup
 demo-bert: setup
 	$(BIN)/pretrain run configs/bert-tiny.yaml
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
 	bash scripts/system-deps.sh
 	$(BIN)/python -m pytest -q
 

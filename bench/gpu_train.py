@@ -10,6 +10,7 @@ run of the same path, e.g. `train.precision=fp32 model.n_layers=2`). One JSON li
 
     .venv/bin/python bench/gpu_train.py [--steps 60] [--micro-batch 16] [--gpus N] [KEY=VALUE ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,34 +35,70 @@ from pipeline.tracking.journal import read_metrics  # noqa: E402
 
 
 def run(args, tmp: Path) -> dict:
-    config = load_config(REPO / "configs" / "gpt2-124m.yaml", [
-        f"cluster.num_workers={args.gpus}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum_steps=1",
-        "train.global_batch_size=null", "train.max_tokens=null", f"train.max_steps={args.steps}",
-        "train.warmup_steps=5", "train.log_every=10", "train.eval_every=0", "train.checkpoint_every=0",
-        "tracking.enabled=false", "data.verify_checksums=false", *args.overrides])
+    config = load_config(
+        REPO / "configs" / "gpt2-124m.yaml",
+        [
+            f"cluster.num_workers={args.gpus}",
+            f"train.micro_batch_size={args.micro_batch}",
+            "train.grad_accum_steps=1",
+            "train.global_batch_size=null",
+            "train.max_tokens=null",
+            f"train.max_steps={args.steps}",
+            "train.warmup_steps=5",
+            "train.log_every=10",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+            "tracking.enabled=false",
+            "data.verify_checksums=false",
+            *args.overrides,
+        ],
+    )
     t = config.train
     shards = synthetic_shards(tmp / "shards", (args.steps + 5) * t.global_batch_size * (t.seq_len + 1))
     run_dir = tmp / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_config(config))
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.gpus), "-m",
-               "pipeline.training", "--run-dir", str(run_dir), "--shards", str(shards)]
+    command = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        str(args.gpus),
+        "-m",
+        "pipeline.training",
+        "--run-dir",
+        str(run_dir),
+        "--shards",
+        str(shards),
+    ]
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    windows = [r["metrics"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/tokens_per_s" in r["metrics"]][1:]
+    windows = [r["metrics"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/tokens_per_s" in r["metrics"]][
+        1:
+    ]
 
     def median(name):
         values = [w[name] for w in windows if name in w]
         return statistics.median(values) if values else None
 
     tokens_per_s = median("train/tokens_per_s")
-    return {"bench": "gpu_train", "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "gpus": args.gpus, "model": "gpt2-124m", "precision": t.precision, "zero_stage": t.zero_stage,
-            "micro_batch": t.micro_batch_size, "seq_len": t.seq_len, "steps": args.steps, "windows": len(windows),
-            "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / args.gpus if tokens_per_s else None,
-            "mfu": median("train/mfu"), "step_time_s": median("train/step_time_s"),
-            "memory_peak_gib": median("train/memory_peak_gib"), "overrides": args.overrides}
+    return {
+        "bench": "gpu_train",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "gpus": args.gpus,
+        "model": "gpt2-124m",
+        "precision": t.precision,
+        "zero_stage": t.zero_stage,
+        "micro_batch": t.micro_batch_size,
+        "seq_len": t.seq_len,
+        "steps": args.steps,
+        "windows": len(windows),
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_gpu": tokens_per_s / args.gpus if tokens_per_s else None,
+        "mfu": median("train/mfu"),
+        "step_time_s": median("train/step_time_s"),
+        "memory_peak_gib": median("train/memory_peak_gib"),
+        "overrides": args.overrides,
+    }
 
 
 def main() -> None:

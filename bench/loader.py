@@ -13,6 +13,7 @@ Figures are medians of --reps repetitions. Prints one JSON line.
 
     .venv/bin/python bench/loader.py [--tokens 20000000] [--reps 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import BatchLoader, TokenDataset  # noqa: E402
-from pipeline.data import SHARD_TOKENIZER_DIR  # noqa: E402
+from pipeline.data import (  # noqa: E402
+    SHARD_TOKENIZER_DIR,  # noqa: E402
+    BatchLoader,
+    TokenDataset,
+)
 from pipeline.shard import SplitWriter, write_index  # noqa: E402
 
 VOCAB = 4096
@@ -49,15 +53,29 @@ def synthetic_shards(directory: Path, tokens: int) -> Path:
         writer.add(0, chunk.tobytes(), source_bytes=3 * len(chunk))
     empty = SplitWriter(directory, "val", np.dtype(np.uint16), shard_tokens=1).finish()
     (directory / SHARD_TOKENIZER_DIR).mkdir()  # no tokenizer made these ids: nothing for index.json to hash
-    write_index(directory, family="gpt", vocab_size=VOCAB, tokenizer_fp="synthetic", separator_id=0,
-                data=load_config(None).data, splits={"train": writer.finish(), "val": empty},
-                sources=[{"name": "synthetic", "weight": 1.0}])
+    write_index(
+        directory,
+        family="gpt",
+        vocab_size=VOCAB,
+        tokenizer_fp="synthetic",
+        separator_id=0,
+        data=load_config(None).data,
+        splits={"train": writer.finish(), "val": empty},
+        sources=[{"name": "synthetic", "weight": 1.0}],
+    )
     return directory
 
 
 def loader_tokens_per_s(shard_dir: Path, micro_batch: int, seq_len: int, seconds: float = 3.0) -> float:
-    loader = BatchLoader(TokenDataset(shard_dir), family="gpt", seq_len=seq_len, micro_batch_size=micro_batch,
-                         rank=0, world_size=1, seed=0)
+    loader = BatchLoader(
+        TokenDataset(shard_dir),
+        family="gpt",
+        seq_len=seq_len,
+        micro_batch_size=micro_batch,
+        rank=0,
+        world_size=1,
+        seed=0,
+    )
     loader.next_batch()  # builds the epoch's permutation outside the timing
     batches, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -102,8 +120,12 @@ print(json.dumps({"rss_mb": kib("VmRSS") / 1024, "rss_anon_mb": kib("RssAnon") /
 
 
 def memory(shard_dir: Path, batches: int) -> dict:
-    output = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(shard_dir), str(batches), str(REPO)],
-                            check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(shard_dir), str(batches), str(REPO)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(output)
 
 
@@ -119,18 +141,35 @@ def main() -> None:
         loader_128 = statistics.median(loader_tokens_per_s(large, 8, 128) for _ in range(args.reps))
         loader_1024 = statistics.median(loader_tokens_per_s(large, 8, 1024) for _ in range(args.reps))
         training = statistics.median(training_tokens_per_s() for _ in range(args.reps))
-        memories = {name: [memory(path, args.batches) for _ in range(args.reps)]
-                    for name, path in (("small", small), ("large", large))}
-    medians = {name: {key: round(statistics.median(m[key] for m in runs), 1) for key in runs[0]}
-               for name, runs in memories.items()}
-    print(json.dumps({
-        "bench": "loader", "tokens_small": args.tokens, "tokens_large": 10 * args.tokens, "reps": args.reps,
-        "loader_tokens_per_s_8x128": round(loader_128), "loader_tokens_per_s_8x1024": round(loader_1024),
-        "training_tokens_per_s_gpt_tiny": round(training), "loader_over_training": round(loader_128 / training, 1),
-        "memory_small": medians["small"], "memory_large": medians["large"],
-        "rss_anon_growth_mb_for_10x_data": round(medians["large"]["rss_anon_mb"] - medians["small"]["rss_anon_mb"], 1),
-        "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-    }))
+        memories = {
+            name: [memory(path, args.batches) for _ in range(args.reps)]
+            for name, path in (("small", small), ("large", large))
+        }
+    medians = {
+        name: {key: round(statistics.median(m[key] for m in runs), 1) for key in runs[0]}
+        for name, runs in memories.items()
+    }
+    print(
+        json.dumps(
+            {
+                "bench": "loader",
+                "tokens_small": args.tokens,
+                "tokens_large": 10 * args.tokens,
+                "reps": args.reps,
+                "loader_tokens_per_s_8x128": round(loader_128),
+                "loader_tokens_per_s_8x1024": round(loader_1024),
+                "training_tokens_per_s_gpt_tiny": round(training),
+                "loader_over_training": round(loader_128 / training, 1),
+                "memory_small": medians["small"],
+                "memory_large": medians["large"],
+                "rss_anon_growth_mb_for_10x_data": round(
+                    medians["large"]["rss_anon_mb"] - medians["small"]["rss_anon_mb"], 1
+                ),
+                "cpus": os.cpu_count(),
+                "load_avg_1m": os.getloadavg()[0],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

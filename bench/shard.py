@@ -11,6 +11,7 @@ medians over --reps repetitions. Prints one JSON line.
 
     .venv/bin/python bench/shard.py [--reps 3] [--repeat 4] [--vocab-size 4096]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,9 +64,12 @@ def measure(config, tokenizer, reps: int) -> dict:
         runs["encode_batch"].append(timed_encode_batch(tokenizer.path, texts))
     rates = {name: statistics.median(tokens / seconds for seconds, tokens in values) for name, values in runs.items()}
     return {
-        "documents": len(texts), "corpus_mb": round(sum(len(t.encode()) for t in texts) / 1e6, 3),
-        "tokens": runs["1"][0][1], "workers_1_tokens_per_s": round(rates["1"]),
-        "workers_2_tokens_per_s": round(rates["2"]), "scaling_2_over_1": round(rates["2"] / rates["1"], 3),
+        "documents": len(texts),
+        "corpus_mb": round(sum(len(t.encode()) for t in texts) / 1e6, 3),
+        "tokens": runs["1"][0][1],
+        "workers_1_tokens_per_s": round(rates["1"]),
+        "workers_2_tokens_per_s": round(rates["2"]),
+        "scaling_2_over_1": round(rates["2"] / rates["1"], 3),
         "encode_batch_tokens_per_s": round(rates["encode_batch"]),
         "workers_2_over_encode_batch": round(rates["2"] / rates["encode_batch"], 3),
         "seconds": {name: [round(s, 2) for s, _ in values] for name, values in runs.items()},
@@ -82,8 +86,11 @@ def main() -> None:
     import ray
 
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as workdir:
-        settings = [f"run.workdir={workdir}", f"tokenizer.vocab_size={args.vocab_size}",
-                    "tokenizer.sample_bytes=4000000"]
+        settings = [
+            f"run.workdir={workdir}",
+            f"tokenizer.vocab_size={args.vocab_size}",
+            "tokenizer.sample_bytes=4000000",
+        ]
         stdlib = load_config(None, settings)
         tokenizer = tokenizer_stage(stdlib)
         jsonl = repeated_corpus([d.text for d in iter_corpus(stdlib.data)], args.repeat, Path(workdir) / "x.jsonl")
@@ -92,13 +99,26 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _temp_dir=f"{workdir}/ray")
         ray_init_s = time.perf_counter() - started
         try:
-            figures = {"stdlib": measure(stdlib, tokenizer, args.reps),
-                       f"stdlib_x{args.repeat}": measure(repeated, tokenizer, args.reps)}
+            figures = {
+                "stdlib": measure(stdlib, tokenizer, args.reps),
+                f"stdlib_x{args.repeat}": measure(repeated, tokenizer, args.reps),
+            }
         finally:
             ray.shutdown()
-    print(json.dumps({"bench": "shard", "vocab_size": args.vocab_size, "reps": args.reps, **figures,
-                      "ray_init_s": round(ray_init_s, 2), "cpus": os.cpu_count(),
-                      "load_avg_1m": os.getloadavg()[0]}), file=sys.__stdout__)
+    print(
+        json.dumps(
+            {
+                "bench": "shard",
+                "vocab_size": args.vocab_size,
+                "reps": args.reps,
+                **figures,
+                "ray_init_s": round(ray_init_s, 2),
+                "cpus": os.cpu_count(),
+                "load_avg_1m": os.getloadavg()[0],
+            }
+        ),
+        file=sys.__stdout__,
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ gets the sample as an in-memory list. Prints one JSON line.
 
     .venv/bin/python bench/tokenizer.py [--sample-bytes 8000000] [--vocab-size 4096] [--reps 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,13 @@ def train_directly(texts: list[str], vocab_size: int) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=FAMILY_SPECIAL_TOKENS["gpt"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=FAMILY_SPECIAL_TOKENS["gpt"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
 
 
@@ -56,12 +62,24 @@ def main() -> None:
         train_directly(texts, args.vocab_size)
         direct_s.append(time.perf_counter() - started)
     stage, direct = statistics.median(stage_s), statistics.median(direct_s)
-    print(json.dumps({
-        "bench": "tokenizer", "sample_mb": round(sample_mb, 3), "vocab_size": args.vocab_size, "reps": args.reps,
-        "stage_mb_per_s": round(sample_mb / stage, 3), "direct_mb_per_s": round(sample_mb / direct, 3),
-        "stage_over_direct": round(direct / stage, 3), "stage_s": [round(s, 2) for s in stage_s],
-        "direct_s": [round(s, 2) for s in direct_s], "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-    }), file=sys.__stdout__)
+    print(
+        json.dumps(
+            {
+                "bench": "tokenizer",
+                "sample_mb": round(sample_mb, 3),
+                "vocab_size": args.vocab_size,
+                "reps": args.reps,
+                "stage_mb_per_s": round(sample_mb / stage, 3),
+                "direct_mb_per_s": round(sample_mb / direct, 3),
+                "stage_over_direct": round(direct / stage, 3),
+                "stage_s": [round(s, 2) for s in stage_s],
+                "direct_s": [round(s, 2) for s in direct_s],
+                "cpus": os.cpu_count(),
+                "load_avg_1m": os.getloadavg()[0],
+            }
+        ),
+        file=sys.__stdout__,
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ stage/bare ratios (`ratio_of_medians` beside it). One JSON line; goal: ratio >= 
 
     .venv/bin/python bench/train_overhead.py [--rounds 5] [--steps 40]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,20 +41,38 @@ from pipeline.engine import lr_multiplier, param_groups  # noqa: E402
 from pipeline.modeling import build_model  # noqa: E402
 from pipeline.training.loop import make_loader, setup, train  # noqa: E402
 
-MODEL = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.max_seq_len=128",
-         f"tokenizer.vocab_size={VOCAB}", "train.micro_batch_size=8", "train.grad_accum_steps=1",
-         "train.warmup_steps=10", "train.zero_stage=0", "train.precision=fp32", "train.log_every=10",
-         "train.eval_every=0", "train.checkpoint_every=0", "cluster.num_workers=1", "tracking.enabled=false"]
+MODEL = [
+    "model.d_model=256",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.max_seq_len=128",
+    f"tokenizer.vocab_size={VOCAB}",
+    "train.micro_batch_size=8",
+    "train.grad_accum_steps=1",
+    "train.warmup_steps=10",
+    "train.zero_stage=0",
+    "train.precision=fp32",
+    "train.log_every=10",
+    "train.eval_every=0",
+    "train.checkpoint_every=0",
+    "cluster.num_workers=1",
+    "tracking.enabled=false",
+]
 
 
 def bare_loop(config, shard_dir: Path):
     """A generator: each next() trains `steps` more steps and yields tokens/s."""
     t = config.train
     model = build_model(config)
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                  eps=t.adam_eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
-        step, warmup_steps=t.warmup_steps, max_steps=t.max_steps, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            step, warmup_steps=t.warmup_steps, max_steps=t.max_steps, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio
+        ),
+    )
     loader = make_loader(TokenDataset(shard_dir), config, rank=0, world_size=1)
     steps = yield
     while True:
@@ -114,16 +133,26 @@ def main() -> None:
     # Each round's stage run follows its bare run within seconds: their ratio cancels the machine's
     # slower drifts, which the ratio of the two medians keeps.
     paired = [s / b for s, b in zip(rates["stage"][1:], rates["bare"][1:])]
-    print(json.dumps({
-        "bench": "train_overhead", "model_params": sum(p.numel() for p in build_model(config).parameters()),
-        "tokens_per_step": config.train.global_batch_size * config.train.seq_len, "rounds": args.rounds,
-        "steps_per_round": args.steps, "torch_threads": torch.get_num_threads(),
-        "bare_tokens_per_s": round(bare, 1), "stage_tokens_per_s": round(stage, 1),
-        "ratio": round(statistics.median(paired), 4), "goal": ">= 0.95",
-        "ratio_of_medians": round(stage / bare, 4), "stage_wall_tokens_per_s": round(wall, 1),
-        "ratio_wall_with_checkpoint": round(wall / bare, 4),
-        "rounds_tokens_per_s": {name: [round(r, 1) for r in values] for name, values in rates.items()},
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "train_overhead",
+                "model_params": sum(p.numel() for p in build_model(config).parameters()),
+                "tokens_per_step": config.train.global_batch_size * config.train.seq_len,
+                "rounds": args.rounds,
+                "steps_per_round": args.steps,
+                "torch_threads": torch.get_num_threads(),
+                "bare_tokens_per_s": round(bare, 1),
+                "stage_tokens_per_s": round(stage, 1),
+                "ratio": round(statistics.median(paired), 4),
+                "goal": ">= 0.95",
+                "ratio_of_medians": round(stage / bare, 4),
+                "stage_wall_tokens_per_s": round(wall, 1),
+                "ratio_wall_with_checkpoint": round(wall / bare, 4),
+                "rounds_tokens_per_s": {name: [round(r, 1) for r in values] for name, values in rates.items()},
+            }
+        )
+    )
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown with a live process group (see pipeline.training.torchrun.main)
 

@@ -21,6 +21,7 @@ stage 3 <= 0.55 x stage 0, peak RSS stage 3 <= 0.75 x stage 0. Prints one JSON l
 
     .venv/bin/python bench/zero_memory.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,25 @@ from loader import VOCAB, synthetic_shards  # noqa: E402  (bench/loader.py)
 
 from pipeline.config import load_config  # noqa: E402
 
-MODEL = ["model.d_model=768", "model.n_layers=8", "model.n_heads=12", "model.max_seq_len=64",
-         f"tokenizer.vocab_size={VOCAB}", "train.micro_batch_size=2", "train.grad_accum_steps=1",
-         "train.max_steps=3", "train.warmup_steps=1", "cluster.num_workers=2", "tracking.enabled=false"]
-DEEPSPEED_DEFAULT_BUCKETS = ("train.deepspeed={zero_optimization: {reduce_bucket_size: 500000000, "
-                             "allgather_bucket_size: 500000000, stage3_prefetch_bucket_size: 50000000, "
-                             "stage3_max_live_parameters: 1000000000, stage3_max_reuse_distance: 1000000000, "
-                             "stage3_param_persistence_threshold: 100000}}")
+MODEL = [
+    "model.d_model=768",
+    "model.n_layers=8",
+    "model.n_heads=12",
+    "model.max_seq_len=64",
+    f"tokenizer.vocab_size={VOCAB}",
+    "train.micro_batch_size=2",
+    "train.grad_accum_steps=1",
+    "train.max_steps=3",
+    "train.warmup_steps=1",
+    "cluster.num_workers=2",
+    "tracking.enabled=false",
+]
+DEEPSPEED_DEFAULT_BUCKETS = (
+    "train.deepspeed={zero_optimization: {reduce_bucket_size: 500000000, "
+    "allgather_bucket_size: 500000000, stage3_prefetch_bucket_size: 50000000, "
+    "stage3_max_live_parameters: 1000000000, stage3_max_reuse_distance: 1000000000, "
+    "stage3_param_persistence_threshold: 100000}}"
+)
 GIB = 1024**3
 SETTINGS = {  # name -> (config overrides, build under zero.Init (pipeline.engine.create_model), environment)
     "default": ([DEEPSPEED_DEFAULT_BUCKETS], False, {}),
@@ -125,8 +138,13 @@ def worker(args) -> None:
         if step == config.train.max_steps - 1:
             held = held_bytes(engine)
         ds_engine.optimizer_step(engine)
-    result = {"rank": rank, "held": held, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "baseline_rss": baseline_rss, "model_params": n_params}
+    result = {
+        "rank": rank,
+        "held": held,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "baseline_rss": baseline_rss,
+        "model_params": n_params,
+    }
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
     sys.stdout.flush()
     dist.destroy_process_group()
@@ -140,8 +158,21 @@ def worker(args) -> None:
 def measure(stage: int, setting: str, shards: Path, tmp: Path) -> list[dict]:
     out = tmp / f"stage{stage}-{setting}"
     out.mkdir()
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", __file__, "--worker",
-                "--stage", str(stage), "--setting", setting, "--shards", str(shards), "--out", str(out)]
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        __file__,
+        "--worker",
+        "--stage",
+        str(stage),
+        "--setting",
+        setting,
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "TMPDIR": str(tmp), **SETTINGS[setting][2]}
     done = subprocess.run(torchrun, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -151,14 +182,17 @@ def measure(stage: int, setting: str, shards: Path, tmp: Path) -> list[dict]:
 
 def summary(ranks: list[dict]) -> dict:
     """The worst rank's figures (GiB), and every rank's."""
+
     def gib(value):
         return round(value / GIB, 4)
 
-    return {"model_params": ranks[0]["model_params"],
-            "model_states_gib": gib(max(sum(r["held"].values()) for r in ranks)),
-            "peak_rss_gib": gib(max(r["peak_rss"] for r in ranks)),
-            "peak_rss_above_baseline_gib": gib(max(r["peak_rss"] - r["baseline_rss"] for r in ranks)),
-            "per_rank": [{k: gib(v) for k, v in r["held"].items()} | {"peak_rss": gib(r["peak_rss"])} for r in ranks]}
+    return {
+        "model_params": ranks[0]["model_params"],
+        "model_states_gib": gib(max(sum(r["held"].values()) for r in ranks)),
+        "peak_rss_gib": gib(max(r["peak_rss"] for r in ranks)),
+        "peak_rss_above_baseline_gib": gib(max(r["peak_rss"] - r["baseline_rss"] for r in ranks)),
+        "per_rank": [{k: gib(v) for k, v in r["held"].items()} | {"peak_rss": gib(r["peak_rss"])} for r in ranks],
+    }
 
 
 def main() -> None:
@@ -181,12 +215,25 @@ def main() -> None:
                 results[setting][stage] = summary(measure(stage, setting, shards, Path(tmp)))
         results["default"][0] = results["sized"][0]
     figures = ("model_states_gib", "peak_rss_gib", "peak_rss_above_baseline_gib")
-    ratios = {setting: {f"stage{s}_vs_0": {f.removesuffix("_gib"): round(by_stage[s][f] / by_stage[0][f], 3)
-                                           for f in figures} for s in (1, 2, 3)}
-              for setting, by_stage in results.items()}
-    print(json.dumps({"bench": "zero_memory", "model_params": results["sized"][0]["model_params"], "ranks": 2,
-                      "goals": {"model_states_stage3_vs_0": "<= 0.55", "peak_rss_stage3_vs_0": "<= 0.75"},
-                      "ratios": ratios, "results": results}))
+    ratios = {
+        setting: {
+            f"stage{s}_vs_0": {f.removesuffix("_gib"): round(by_stage[s][f] / by_stage[0][f], 3) for f in figures}
+            for s in (1, 2, 3)
+        }
+        for setting, by_stage in results.items()
+    }
+    print(
+        json.dumps(
+            {
+                "bench": "zero_memory",
+                "model_params": results["sized"][0]["model_params"],
+                "ranks": 2,
+                "goals": {"model_states_stage3_vs_0": "<= 0.55", "peak_rss_stage3_vs_0": "<= 0.75"},
+                "ratios": ratios,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The `pretrain` command. Each subcommand imports its heavy dependencies lazily, so
 `pretrain config check` answers in well under a second."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,16 +11,27 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from launch import console
 from launch.slurm.commands import add_slurm_commands
 from pipeline.config import config_reference_markdown, dump_config, load_config
 from pipeline.errors import UserError
-from pipeline.rundir import CONFIG_FILE, EVAL_DIR, STAGES, SUMMARY_FILE, absolute_paths, config_path, run_dir_of
+from pipeline.rundir import (
+    CONFIG_FILE,
+    EVAL_DIR,
+    LOGS_DIR,
+    STAGES,
+    SUMMARY_FILE,
+    absolute_paths,
+    config_path,
+    run_dir_of,
+)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dot-path overrides, e.g. train.lr=3e-4 model.n_layers=2")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dot-path overrides, e.g. train.lr=3e-4 model.n_layers=2"
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -34,9 +46,11 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args)
     t = config.train
-    print(f"{args.config}: ok ({config.model.family}, {config.model.n_layers} layers x d_model "
-          f"{config.model.d_model}; global batch {t.global_batch_size} = {t.micro_batch_size} x "
-          f"{t.grad_accum_steps} x {config.cluster.num_workers} workers; {t.max_steps} steps)")
+    print(
+        f"{args.config}: ok ({config.model.family}, {config.model.n_layers} layers x d_model "
+        f"{config.model.d_model}; global batch {t.global_batch_size} = {t.micro_batch_size} x "
+        f"{t.grad_accum_steps} x {config.cluster.num_workers} workers; {t.max_steps} steps)"
+    )
     return 0
 
 
@@ -58,27 +72,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.orchestrate import run_pipeline
-
     config = _load(args)
-    results = run_pipeline(config, only=args.only, from_stage=args.from_stage)
-    _print_run_summary(config, results)
+    _print_run_summary(config, _run(config, only=args.only, from_stage=args.from_stage))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.orchestrate import run_pipeline
-
-    run_pipeline(_load(args), until="train")
+    _run(_load(args), until="train")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    config = load_config(config_path(Path(args.run_dir)), args.overrides)
+    _print_run_summary(config, _run(config))
+    return 0
+
+
+def _run(config, **stages) -> dict:
+    """The pipeline, with the library log in the run's logs/driver.log."""
     from pipeline.orchestrate import run_pipeline
 
-    config = load_config(config_path(Path(args.run_dir)), args.overrides)
-    _print_run_summary(config, run_pipeline(config))
-    return 0
+    console.log_to(run_dir_of(absolute_paths(config)) / LOGS_DIR / "driver.log")
+    return run_pipeline(config, **stages)
 
 
 def _print_run_summary(config, results: dict) -> None:
@@ -121,8 +136,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     tasks = [task for item in args.lm_eval for task in item.split(",") if task] if args.lm_eval else None
-    evaluate_existing_run(run_dir, args.checkpoint, lm_eval_tasks=tasks,
-                          lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
+    evaluate_existing_run(
+        run_dir,
+        args.checkpoint,
+        lm_eval_tasks=tasks,
+        lm_eval_include=args.lm_eval_include,
+        lm_eval_limit=args.lm_eval_limit,
+    )
     print((run_dir / EVAL_DIR / SUMMARY_FILE).read_text(encoding="utf-8"), end="")
     return 0
 
@@ -177,8 +197,10 @@ def _default_uri() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pretrain", description="Pretrain GPT and BERT models: tokenizer -> shards -> DeepSpeed "
-        "training -> evaluation, orchestrated by Ray and tracked in MLflow.")
+        prog="pretrain",
+        description="Pretrain GPT and BERT models: tokenizer -> shards -> DeepSpeed "
+        "training -> evaluation, orchestrated by Ray and tracked in MLflow.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = commands.add_parser("config", help="show, check or document experiment configs")
@@ -209,15 +231,18 @@ def _add_stage_commands(commands) -> None:
     run.add_argument("--only", choices=STAGES, help="run just this stage (earlier ones must be done)")
     run.add_argument("--from", dest="from_stage", choices=STAGES, help="start at this stage")
     run.set_defaults(func=cmd_run)
-    for name, func, text in (("tokenizer", cmd_tokenizer, "train (or reuse) the BPE tokenizer"),
-                             ("shard", cmd_shard, "tokenize and pack the corpus into shards"),
-                             ("train", cmd_train, "train (resuming the run if it has a checkpoint)")):
+    for name, func, text in (
+        ("tokenizer", cmd_tokenizer, "train (or reuse) the BPE tokenizer"),
+        ("shard", cmd_shard, "tokenize and pack the corpus into shards"),
+        ("train", cmd_train, "train (resuming the run if it has a checkpoint)"),
+    ):
         stage = commands.add_parser(name, help=text)
         _add_config_args(stage)
         stage.set_defaults(func=func)
     data = commands.add_parser("data", help="look at shard directories")
     inspect = data.add_subparsers(dest="data_command", required=True, metavar="ACTION").add_parser(
-        "inspect", help="documents, tokens, bytes per token, validation share, shard sizes")
+        "inspect", help="documents, tokens, bytes per token, validation share, shard sizes"
+    )
     inspect.add_argument("shard_dir")
     inspect.set_defaults(func=cmd_data_inspect)
 
@@ -230,8 +255,9 @@ def _add_run_dir_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint (loss, perplexity, bits/byte)")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--checkpoint", help="checkpoint tag (default: latest)")
-    evaluate.add_argument("--lm-eval", nargs="+", metavar="TASKS",
-                          help="lm-evaluation-harness tasks (space or comma separated)")
+    evaluate.add_argument(
+        "--lm-eval", nargs="+", metavar="TASKS", help="lm-evaluation-harness tasks (space or comma separated)"
+    )
     evaluate.add_argument("--lm-eval-include", help="directory of local lm-eval task YAML files")
     evaluate.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task")
     evaluate.set_defaults(func=cmd_eval)
@@ -262,6 +288,7 @@ def _add_tracking_commands(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    console.setup()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,4 +1,5 @@
 """Regenerate the README's config reference from the field descriptions: `python -m launch.readme`."""
+
 from __future__ import annotations
 
 import os

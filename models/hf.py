@@ -23,41 +23,71 @@ _HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "Be
 
 # The HF config each architecture fixes; a differing ModelConfig field has no equivalent there.
 _REQUIRED = {
-    "gpt2": dict(position="learned", norm="layernorm", norm_position="pre", activation="gelu", bias=True,
-                 type_vocab_size=0),
+    "gpt2": dict(
+        position="learned", norm="layernorm", norm_position="pre", activation="gelu", bias=True, type_vocab_size=0
+    ),
     "llama": dict(position="rope", norm="rmsnorm", norm_position="pre", activation="swiglu", type_vocab_size=0),
     "bert": dict(position="learned", norm="layernorm", norm_position="post", activation="gelu", bias=True),
 }
 
 # Our module names -> HF module names, outside the blocks and inside block {i} (after the prefix).
 _MODULES = {
-    "gpt2": {"transformer.embed.tokens": "transformer.wte", "transformer.embed.positions": "transformer.wpe",
-             "transformer.final_norm": "transformer.ln_f", "lm_head": "lm_head"},
-    "llama": {"transformer.embed.tokens": "model.embed_tokens", "transformer.final_norm": "model.norm",
-              "lm_head": "lm_head"},
-    "bert": {"transformer.embed.tokens": "bert.embeddings.word_embeddings",
-             "transformer.embed.positions": "bert.embeddings.position_embeddings",
-             "transformer.embed.token_types": "bert.embeddings.token_type_embeddings",
-             "transformer.embed.norm": "bert.embeddings.LayerNorm",
-             "mlm_transform": "cls.predictions.transform.dense",
-             "mlm_norm": "cls.predictions.transform.LayerNorm", "lm_head": "cls.predictions.decoder"},
+    "gpt2": {
+        "transformer.embed.tokens": "transformer.wte",
+        "transformer.embed.positions": "transformer.wpe",
+        "transformer.final_norm": "transformer.ln_f",
+        "lm_head": "lm_head",
+    },
+    "llama": {
+        "transformer.embed.tokens": "model.embed_tokens",
+        "transformer.final_norm": "model.norm",
+        "lm_head": "lm_head",
+    },
+    "bert": {
+        "transformer.embed.tokens": "bert.embeddings.word_embeddings",
+        "transformer.embed.positions": "bert.embeddings.position_embeddings",
+        "transformer.embed.token_types": "bert.embeddings.token_type_embeddings",
+        "transformer.embed.norm": "bert.embeddings.LayerNorm",
+        "mlm_transform": "cls.predictions.transform.dense",
+        "mlm_norm": "cls.predictions.transform.LayerNorm",
+        "lm_head": "cls.predictions.decoder",
+    },
 }
 _BLOCK_PREFIX = {"gpt2": "transformer.h.{}.", "llama": "model.layers.{}.", "bert": "bert.encoder.layer.{}."}
 _BLOCK_MODULES = {
-    "gpt2": {"attn_norm": "ln_1", "attn.qkv": "attn.c_attn", "attn.out": "attn.c_proj",
-             "mlp_norm": "ln_2", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"},
-    "llama": {"attn_norm": "input_layernorm", "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              "attn.out": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
-              "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"},
-    "bert": {"attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
-             "attn.out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-             "mlp.up": "intermediate.dense", "mlp.down": "output.dense", "mlp_norm": "output.LayerNorm"},
+    "gpt2": {
+        "attn_norm": "ln_1",
+        "attn.qkv": "attn.c_attn",
+        "attn.out": "attn.c_proj",
+        "mlp_norm": "ln_2",
+        "mlp.up": "mlp.c_fc",
+        "mlp.down": "mlp.c_proj",
+    },
+    "llama": {
+        "attn_norm": "input_layernorm",
+        "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "attn.out": "self_attn.o_proj",
+        "mlp_norm": "post_attention_layernorm",
+        "mlp.gate": "mlp.gate_proj",
+        "mlp.up": "mlp.up_proj",
+        "mlp.down": "mlp.down_proj",
+    },
+    "bert": {
+        "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+        "attn.out": "attention.output.dense",
+        "attn_norm": "attention.output.LayerNorm",
+        "mlp.up": "intermediate.dense",
+        "mlp.down": "output.dense",
+        "mlp_norm": "output.LayerNorm",
+    },
 }
 
 # HF state-dict keys that name the same tensor as another: (alias, canonical).
-_TIED_EMBEDDINGS = {"gpt2": ("lm_head.weight", "transformer.wte.weight"),
-                    "llama": ("lm_head.weight", "model.embed_tokens.weight"),
-                    "bert": ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")}
+_TIED_EMBEDDINGS = {
+    "gpt2": ("lm_head.weight", "transformer.wte.weight"),
+    "llama": ("lm_head.weight", "model.embed_tokens.weight"),
+    "bert": ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+}
 _ALWAYS_TIED = {"bert": [("cls.predictions.bias", "cls.predictions.decoder.bias")]}
 
 
@@ -88,38 +118,79 @@ def to_hf_config(cfg: ModelConfig):
     import transformers
 
     arch, tokens = hf_arch(cfg), dict(pad_token_id=cfg.pad_token_id, bos_token_id=None, eos_token_id=None)
-    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
-                  **tokens)
+    common = dict(
+        vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std, **tokens
+    )
     if arch == "gpt2":
         return transformers.GPT2Config(
-            n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
-            n_inner=cfg.ffn_dim, activation_function=_gelu_name(cfg), layer_norm_epsilon=cfg.norm_eps,
-            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **common)
+            n_positions=cfg.max_seq_len,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.ffn_dim,
+            activation_function=_gelu_name(cfg),
+            layer_norm_epsilon=cfg.norm_eps,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            **common,
+        )
     if arch == "llama":
         # Llama has attention dropout only: residual and embedding dropout have no equivalent.
         return transformers.LlamaConfig(
-            hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-            max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-            attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.dropout, hidden_act="silu", **common)
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.ffn_dim,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.max_seq_len,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta,
+            attention_bias=cfg.bias,
+            mlp_bias=cfg.bias,
+            attention_dropout=cfg.dropout,
+            hidden_act="silu",
+            **common,
+        )
     # HF BERT always adds a token-type embedding; a single all-zero type stands in for "none".
     return transformers.BertConfig(
-        hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        intermediate_size=cfg.ffn_dim, hidden_act=_gelu_name(cfg), max_position_embeddings=cfg.max_seq_len,
-        type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.norm_eps,
-        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout, **common)
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.ffn_dim,
+        hidden_act=_gelu_name(cfg),
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=max(cfg.type_vocab_size, 1),
+        layer_norm_eps=cfg.norm_eps,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        **common,
+    )
 
 
 def from_hf_config(hf_config) -> ModelConfig:
     """The ModelConfig of a GPT2, Llama or BERT transformers config; ValueError for other models."""
     kind, c = hf_config.model_type, hf_config
-    common = dict(vocab_size=c.vocab_size, tie_embeddings=c.tie_word_embeddings, init_std=c.initializer_range,
-                  pad_token_id=c.pad_token_id)
+    common = dict(
+        vocab_size=c.vocab_size,
+        tie_embeddings=c.tie_word_embeddings,
+        init_std=c.initializer_range,
+        pad_token_id=c.pad_token_id,
+    )
     if kind == "gpt2":
         return ModelConfig(
-            family="gpt", max_seq_len=c.n_positions, d_model=c.n_embd, n_layers=c.n_layer, n_heads=c.n_head,
-            d_ff=c.n_inner or 4 * c.n_embd, gelu_approximate=_gelu_approximate(c.activation_function),
-            norm_eps=c.layer_norm_epsilon, dropout=c.resid_pdrop, **common)
+            family="gpt",
+            max_seq_len=c.n_positions,
+            d_model=c.n_embd,
+            n_layers=c.n_layer,
+            n_heads=c.n_head,
+            d_ff=c.n_inner or 4 * c.n_embd,
+            gelu_approximate=_gelu_approximate(c.activation_function),
+            norm_eps=c.layer_norm_epsilon,
+            dropout=c.resid_pdrop,
+            **common,
+        )
     if kind == "llama":
         # transformers 5 keeps rope settings in rope_parameters; 4.x had rope_theta and rope_scaling.
         rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": c.rope_theta}
@@ -128,17 +199,37 @@ def from_hf_config(hf_config) -> ModelConfig:
         if getattr(c, "head_dim", None) not in (None, c.hidden_size // c.num_attention_heads):
             raise ValueError(f"Llama head_dim={c.head_dim} must be hidden_size / num_attention_heads")
         return ModelConfig(
-            family="gpt", max_seq_len=c.max_position_embeddings, d_model=c.hidden_size,
-            n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
-            d_ff=c.intermediate_size, activation="swiglu", norm="rmsnorm", norm_eps=c.rms_norm_eps,
-            position="rope", rope_theta=rope["rope_theta"], bias=c.attention_bias, dropout=c.attention_dropout,
-            **common)
+            family="gpt",
+            max_seq_len=c.max_position_embeddings,
+            d_model=c.hidden_size,
+            n_layers=c.num_hidden_layers,
+            n_heads=c.num_attention_heads,
+            n_kv_heads=c.num_key_value_heads,
+            d_ff=c.intermediate_size,
+            activation="swiglu",
+            norm="rmsnorm",
+            norm_eps=c.rms_norm_eps,
+            position="rope",
+            rope_theta=rope["rope_theta"],
+            bias=c.attention_bias,
+            dropout=c.attention_dropout,
+            **common,
+        )
     if kind == "bert":
         return ModelConfig(
-            family="bert", max_seq_len=c.max_position_embeddings, d_model=c.hidden_size,
-            n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads, d_ff=c.intermediate_size,
-            gelu_approximate=_gelu_approximate(c.hidden_act), norm_eps=c.layer_norm_eps, norm_position="post",
-            dropout=c.hidden_dropout_prob, type_vocab_size=c.type_vocab_size, **common)
+            family="bert",
+            max_seq_len=c.max_position_embeddings,
+            d_model=c.hidden_size,
+            n_layers=c.num_hidden_layers,
+            n_heads=c.num_attention_heads,
+            d_ff=c.intermediate_size,
+            gelu_approximate=_gelu_approximate(c.hidden_act),
+            norm_eps=c.layer_norm_eps,
+            norm_position="post",
+            dropout=c.hidden_dropout_prob,
+            type_vocab_size=c.type_vocab_size,
+            **common,
+        )
     raise ValueError(f"no mapping for Hugging Face model_type={kind!r} (supported: gpt2, llama, bert)")
 
 

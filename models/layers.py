@@ -199,7 +199,7 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids=None):
         cfg, T = self.cfg, input_ids.shape[1]
-        assert T <= cfg.max_seq_len, f"sequence of {T} tokens exceeds max_seq_len={cfg.max_seq_len}"
+        assert cfg.max_seq_len >= T, f"sequence of {T} tokens exceeds max_seq_len={cfg.max_seq_len}"
         x = self.tokens(input_ids)  # (B, T, d_model)
         if cfg.position == "learned":
             x = x + self.positions(torch.arange(T, device=input_ids.device))

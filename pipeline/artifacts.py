@@ -8,6 +8,7 @@ so equal fingerprints mean interchangeable outputs and a rerun reuses the direct
 A build writes into a temporary sibling directory and renames it into place only once the
 manifest is written, so a killed build never leaves a directory that a later run would trust.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -18,9 +19,10 @@ import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.config import to_plain
 from pipeline.errors import UserError
@@ -67,6 +69,7 @@ def atomic_write_json(path: str | Path, value: Any) -> None:
 @dataclass(frozen=True)
 class StageResult:
     """A stage's cached output directory, its manifest, and whether this call reused it."""
+
     path: Path
     manifest: dict
     reused: bool
@@ -88,9 +91,16 @@ def read_manifest(directory: str | Path) -> dict | None:
         return None
 
 
-def build_stage(workdir: str | Path, stage: str, fingerprint_: str, *, code_version: str,
-                inputs: dict[str, str], build_fn: Callable[[Path], dict | None],
-                verify: Callable[[Path], None] | None = None) -> StageResult:
+def build_stage(
+    workdir: str | Path,
+    stage: str,
+    fingerprint_: str,
+    *,
+    code_version: str,
+    inputs: dict[str, str],
+    build_fn: Callable[[Path], dict | None],
+    verify: Callable[[Path], None] | None = None,
+) -> StageResult:
     """Reuse `<workdir>/cache/<stage>/<fingerprint>/` if complete and sound, else build it atomically.
 
     `build_fn(temp_dir)` writes the stage's files into temp_dir and returns its figures (or None).
@@ -102,14 +112,12 @@ def build_stage(workdir: str | Path, stage: str, fingerprint_: str, *, code_vers
     if manifest is not None and manifest.get("fingerprint") == fingerprint_:
         problem = _cache_problem(final, manifest, verify)
         if problem is None:
-            print(f"reusing cached {stage} {fingerprint_} ({final})", flush=True)
             return StageResult(final, manifest, reused=True)
         print(f"cached {stage} {fingerprint_} is damaged ({problem}); rebuilding it", flush=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(final.parent)
     if final.exists():  # a directory without a valid manifest was not made by build_stage: distrust it
         shutil.rmtree(final)
-    print(f"building {stage} {fingerprint_}", flush=True)
     temp = final.parent / f"{_TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     temp.mkdir()
     try:
@@ -135,12 +143,17 @@ def _cache_problem(directory: Path, manifest: dict, verify: Callable[[Path], Non
     return None
 
 
-def _manifest(stage: str, fingerprint_: str, code_version: str, inputs: dict[str, str], directory: Path,
-              figures: dict) -> dict:
+def _manifest(
+    stage: str, fingerprint_: str, code_version: str, inputs: dict[str, str], directory: Path, figures: dict
+) -> dict:
     outputs = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     return {
-        "stage": stage, "fingerprint": fingerprint_, "code_version": code_version, "inputs": dict(inputs),
-        "outputs": outputs, "figures": figures,
+        "stage": stage,
+        "fingerprint": fingerprint_,
+        "code_version": code_version,
+        "inputs": dict(inputs),
+        "outputs": outputs,
+        "figures": figures,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -160,7 +173,7 @@ def _publish(temp: Path, final: Path, manifest: dict) -> StageResult:
 def remove_stale_temp_dirs(parent: Path) -> None:
     """Delete temp dirs of builds killed on this host; other hosts' builds may still be running."""
     for temp in parent.glob(f"{_TEMP_PREFIX}*"):
-        owner, _, host = temp.name[len(_TEMP_PREFIX):].partition("@")
+        owner, _, host = temp.name[len(_TEMP_PREFIX) :].partition("@")
         pid = owner.split("-")[0]
         if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(temp, ignore_errors=True)

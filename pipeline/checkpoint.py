@@ -18,6 +18,7 @@ free space for the checkpoints the run will hold at once. A save that fails anyw
 up meanwhile) raises StorageError naming the checkpoint directory; `latest` still names the previous
 checkpoint, which stays intact, and the partial directory is removed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,10 @@ import random
 import shutil
 import tempfile
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,9 +53,20 @@ from pipeline.rundir import (
 
 # Config keys a resumed run must keep: changing them changes the model, its parameters' layout in the
 # checkpoint, or the token stream. Everything else (max_steps, cadences, lr, ...) may change on resume.
-FROZEN_KEYS = ("model", "tokenizer", "data.sources", "data.val_permille", "data.shard_tokens",
-               "data.max_documents", "run.seed", "train.seq_len", "train.zero_stage", "train.precision",
-               "train.offload_optimizer", "train.offload_params")
+FROZEN_KEYS = (
+    "model",
+    "tokenizer",
+    "data.sources",
+    "data.val_permille",
+    "data.shard_tokens",
+    "data.max_documents",
+    "run.seed",
+    "train.seq_len",
+    "train.zero_stage",
+    "train.precision",
+    "train.offload_optimizer",
+    "train.offload_params",
+)
 
 
 def fingerprint(config: Config) -> str:
@@ -65,17 +78,20 @@ def fingerprint(config: Config) -> str:
 def config_changes(saved: dict[str, Any], config: Config) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (saved value, new value)} for every leaf that differs."""
     old, new = flatten(saved), flatten(config.model_dump(mode="json"))
-    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
-            if old.get(key) != new.get(key)}
+    return {
+        key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)
+    }
 
 
 def check_resumable(changes: dict[str, tuple[Any, Any]], checkpoint: Path) -> None:
     """Refuse changes of FROZEN_KEYS with a message naming the first such key."""
     for key, (old, new) in changes.items():
         if any(key == frozen or key.startswith(frozen + ".") for frozen in FROZEN_KEYS):
-            raise ConfigError(f"{key}: the run in {checkpoint.parent.parent} was trained with {old!r}, the "
-                              f"config now says {new!r}; a resumed run cannot change it. Set it back to "
-                              f"{old!r}, or use a new run.name to start a fresh run")
+            raise ConfigError(
+                f"{key}: the run in {checkpoint.parent.parent} was trained with {old!r}, the "
+                f"config now says {new!r}; a resumed run cannot change it. Set it back to "
+                f"{old!r}, or use a new run.name to start a fresh run"
+            )
 
 
 def resume_point(run_dir: Path, config: Config) -> tuple[Path, dict, dict] | None:
@@ -95,8 +111,16 @@ def resume_point(run_dir: Path, config: Config) -> tuple[Path, dict, dict] | Non
 # Saving
 
 
-def save(run_dir: Path, step: int, *, rank: int, save_engine: Callable[[Path, str], None],
-         barrier: Callable[[], None], trainer_state: dict[str, Any], keep: int) -> Path:
+def save(
+    run_dir: Path,
+    step: int,
+    *,
+    rank: int,
+    save_engine: Callable[[Path, str], None],
+    barrier: Callable[[], None],
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
     """Save a checkpoint of `step` (every rank calls this); returns its directory.
 
     All ranks write their DeepSpeed shard and RNG states; rank 0 writes trainer_state.json; after a
@@ -132,9 +156,11 @@ def _failed_writes_reported(run_dir: Path, path: Path, rank: int) -> Iterator[No
             shutil.rmtree(path, ignore_errors=True)
         kept = f"the last good checkpoint {latest} is kept as `latest`" if latest else "there is no earlier checkpoint"
         reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise StorageError(f"writing checkpoint {path} failed ({reason}; {_free_bytes(path.parent):,} bytes free "
-                           f"there); {kept}. Free space or lower train.keep_checkpoints, then run again to "
-                           "resume") from exc
+        raise StorageError(
+            f"writing checkpoint {path} failed ({reason}; {_free_bytes(path.parent):,} bytes free "
+            f"there); {kept}. Free space or lower train.keep_checkpoints, then run again to "
+            "resume"
+        ) from exc
 
 
 def _is_write_failure(exc: BaseException) -> bool:
@@ -142,8 +168,10 @@ def _is_write_failure(exc: BaseException) -> bool:
     ("unexpected pos", "iostream error", ...), not as an OSError. Collective errors stay what they are."""
     if isinstance(exc, OSError):
         return True
-    return any(Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
-               for frame, _ in traceback.walk_tb(exc.__traceback__))
+    return any(
+        Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
 
 
 def _free_bytes(directory: Path) -> int:
@@ -162,14 +190,18 @@ def check_storage(run_dir: Path, checkpoint_bytes: int, keep: int) -> None:
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):
             pass
     except OSError as exc:
-        raise StorageError(f"{root} is not writable ({exc.strerror or exc}); make it writable or set run.workdir "
-                           "to a writable directory") from None
+        raise StorageError(
+            f"{root} is not writable ({exc.strerror or exc}); make it writable or set run.workdir "
+            "to a writable directory"
+        ) from None
     existing = len(complete_checkpoints(run_dir))
     needed, free = checkpoint_bytes * (keep + 1 - min(existing, keep)), shutil.disk_usage(root).free
     if needed > free:
-        raise StorageError(f"{root} has {free:,} bytes free but this run needs about {needed:,} for its "
-                           f"checkpoints ({keep} kept + 1 being written, ~{checkpoint_bytes:,} bytes each); free "
-                           "space, lower train.keep_checkpoints, or set run.workdir on a larger filesystem")
+        raise StorageError(
+            f"{root} has {free:,} bytes free but this run needs about {needed:,} for its "
+            f"checkpoints ({keep} kept + 1 being written, ~{checkpoint_bytes:,} bytes each); free "
+            "space, lower train.keep_checkpoints, or set run.workdir on a larger filesystem"
+        )
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -187,8 +219,7 @@ def remove_partial(run_dir: Path) -> list[Path]:
     COMPLETE, and complete ones newer than `latest` (killed between COMPLETE and moving `latest`;
     training would write that step again into the same directory)."""
     latest = latest_pointer(run_dir)
-    debris = [p for p in tag_dirs(run_dir)
-              if not (p / COMPLETE).is_file() or (latest is not None and p.name > latest)]
+    debris = [p for p in tag_dirs(run_dir) if not (p / COMPLETE).is_file() or (latest is not None and p.name > latest)]
     for path in debris:
         shutil.rmtree(path, ignore_errors=True)
     return debris
@@ -208,8 +239,13 @@ def save_rng_state(checkpoint: Path, rank: int) -> None:
     state = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "numpy": {"name": numpy_state[0], "keys": torch.from_numpy(numpy_state[1].copy()),
-                  "pos": numpy_state[2], "has_gauss": numpy_state[3], "cached_gaussian": numpy_state[4]},
+        "numpy": {
+            "name": numpy_state[0],
+            "keys": torch.from_numpy(numpy_state[1].copy()),
+            "pos": numpy_state[2],
+            "has_gauss": numpy_state[3],
+            "cached_gaussian": numpy_state[4],
+        },
         "python": _python_state_to_tensors(random.getstate()),
     }
     path = _rng_path(checkpoint, rank)

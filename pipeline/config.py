@@ -3,6 +3,7 @@
 This module imports no torch, deepspeed or ray, so a config validates anywhere in milliseconds.
 Every field has a description; `pretrain config reference` and the README render them.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -35,8 +36,9 @@ class Section(BaseModel):
     def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """YAML reads true/false/yes/no/on/off as booleans, which pydantic would take as 1 and 0."""
         if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
-            raise PydanticCustomError("bool_number", "expected a number, not a boolean (YAML reads "
-                                      "true/false/yes/no/on/off as booleans)")
+            raise PydanticCustomError(
+                "bool_number", "expected a number, not a boolean (YAML reads true/false/yes/no/on/off as booleans)"
+            )
         return value
 
 
@@ -55,93 +57,131 @@ def _check_json(value: Any, key: str, open_ids: set[int]) -> None:
     if isinstance(value, (dict, list)):
         _check(id(value) not in open_ids, f"{key} contains itself (a YAML alias loop); write it out")
         open_ids.add(id(value))
-        for item_key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
-            _check(isinstance(item_key, str) or isinstance(value, list),
-                   f"{key} has the non-string key {item_key!r}; quote it")
+        for item_key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            _check(
+                isinstance(item_key, str) or isinstance(value, list),
+                f"{key} has the non-string key {item_key!r}; quote it",
+            )
             _check_json(item, f"{key}.{item_key}", open_ids)
         open_ids.discard(id(value))
         return
-    _check(value is None or isinstance(value, (str, int)) or isinstance(value, float) and math.isfinite(value),
-           f"{key}={_shown(value)} is not a JSON value (string, finite number, boolean, null, list or "
-           "mapping); quote it")
+    _check(
+        value is None or isinstance(value, (str, int)) or isinstance(value, float) and math.isfinite(value),
+        f"{key}={_shown(value)} is not a JSON value (string, finite number, boolean, null, list or mapping); quote it",
+    )
 
 
 class RunConfig(Section):
-    name: str | None = Field(None, description="Run name; the run directory is `<workdir>/runs/<name>`. "
-                             "Default: the config file's stem. Starting a run whose directory holds a "
-                             "checkpoint resumes it.")
-    workdir: str = Field("work", description="Directory for the artifact cache, runs and the default MLflow "
-                         "store. Relative paths are resolved against the current directory.")
+    name: str | None = Field(
+        None,
+        description="Run name; the run directory is `<workdir>/runs/<name>`. "
+        "Default: the config file's stem. Starting a run whose directory holds a "
+        "checkpoint resumes it.",
+    )
+    workdir: str = Field(
+        "work",
+        description="Directory for the artifact cache, runs and the default MLflow "
+        "store. Relative paths are resolved against the current directory.",
+    )
     seed: int = Field(1337, ge=0, description="Seed for model init, data order and MLM masking.")
 
 
 class SourceConfig(Section):
-    path: str = Field(description="A file, a glob, a directory saved by `datasets.save_to_disk`, "
-                      "`builtin:python-stdlib` (the running interpreter's standard library sources), or "
-                      "`hf:NAME` for a Hugging Face hub dataset (needs internet).")
+    path: str = Field(
+        description="A file, a glob, a directory saved by `datasets.save_to_disk`, "
+        "`builtin:python-stdlib` (the running interpreter's standard library sources), or "
+        "`hf:NAME` for a Hugging Face hub dataset (needs internet)."
+    )
     format: Literal["auto", "text", "jsonl", "parquet", "saved", "hub", "builtin"] = Field(
-        "auto", description="How to read `path`; `auto` decides by extension or prefix.")
-    text_field: str = Field("text", description="Column holding the document text (jsonl, parquet, "
-                            "saved and hub datasets).")
+        "auto", description="How to read `path`; `auto` decides by extension or prefix."
+    )
+    text_field: str = Field(
+        "text", description="Column holding the document text (jsonl, parquet, saved and hub datasets)."
+    )
     text_unit: Literal["file", "line", "paragraph"] = Field(
-        "file", description="For plain text: one document per file, per line, or per blank-line paragraph.")
-    weight: float = Field(1.0, gt=0, description="Share of training tokens drawn from this source, "
-                          "relative to the other sources' weights.")
+        "file", description="For plain text: one document per file, per line, or per blank-line paragraph."
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Share of training tokens drawn from this source, relative to the other sources' weights.",
+    )
     hub_config: str | None = Field(None, description="Hub dataset configuration name (hub sources only).")
     split: str = Field("train", description="Dataset split to read (saved and hub sources).")
 
 
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(
-        default_factory=lambda: [SourceConfig(path="builtin:python-stdlib")], min_length=1,
-        description="The corpus: one or more sources, mixed by weight.")
-    val_permille: int = Field(20, ge=0, le=500, description="Documents per thousand assigned to "
-                              "validation, by a stable hash of the document text.")
+        default_factory=lambda: [SourceConfig(path="builtin:python-stdlib")],
+        min_length=1,
+        description="The corpus: one or more sources, mixed by weight.",
+    )
+    val_permille: int = Field(
+        20,
+        ge=0,
+        le=500,
+        description="Documents per thousand assigned to validation, by a stable hash of the document text.",
+    )
     shard_tokens: int = Field(16_777_216, gt=0, description="Target number of tokens per shard file.")
     num_workers: int = Field(2, ge=1, description="Ray Data workers that tokenize in parallel.")
-    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents per "
-                                      "source (for quick experiments); None reads everything.")
-    verify_checksums: bool = Field(True, description="Check every shard's sha256 against index.json "
-                                   "when a run starts.")
+    max_documents: int | None = Field(
+        None,
+        gt=0,
+        description="Read at most this many documents per source (for quick experiments); None reads everything.",
+    )
+    verify_checksums: bool = Field(True, description="Check every shard's sha256 against index.json when a run starts.")
 
 
 class TokenizerConfig(Section):
-    vocab_size: int = Field(8192, description="Vocabulary size of the byte-level BPE, special tokens "
-                            "included.")
+    vocab_size: int = Field(8192, description="Vocabulary size of the byte-level BPE, special tokens included.")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
-    sample_bytes: int = Field(64_000_000, gt=0, description="Train the tokenizer on at most this many "
-                              "bytes of text drawn from the corpus.")
+    sample_bytes: int = Field(
+        64_000_000, gt=0, description="Train the tokenizer on at most this many bytes of text drawn from the corpus."
+    )
     nfc: bool = Field(False, description="Apply Unicode NFC normalization before tokenizing.")
 
     @model_validator(mode="after")
     def _vocab_covers_bytes(self) -> TokenizerConfig:
-        _check(self.vocab_size >= 256 + 8, f"tokenizer.vocab_size={self.vocab_size} is too small: a byte-level "
-               "BPE needs the 256 byte tokens plus the special tokens; use at least 264")
+        _check(
+            self.vocab_size >= 256 + 8,
+            f"tokenizer.vocab_size={self.vocab_size} is too small: a byte-level "
+            "BPE needs the 256 byte tokens plus the special tokens; use at least 264",
+        )
         return self
 
 
 class ModelSection(Section):
-    family: Literal["gpt", "bert"] = Field("gpt", description="`gpt`: decoder-only causal LM; `bert`: "
-                                           "encoder with a masked-LM head.")
-    vocab_size: int | None = Field(None, gt=0, description="Embedding rows. Default: tokenizer.vocab_size "
-                                   "rounded up to `pad_vocab_multiple`.")
-    pad_vocab_multiple: int = Field(64, ge=1, description="Round the default vocab_size up to a multiple "
-                                    "of this, for faster matmuls on GPUs.")
+    family: Literal["gpt", "bert"] = Field(
+        "gpt", description="`gpt`: decoder-only causal LM; `bert`: encoder with a masked-LM head."
+    )
+    vocab_size: int | None = Field(
+        None, gt=0, description="Embedding rows. Default: tokenizer.vocab_size rounded up to `pad_vocab_multiple`."
+    )
+    pad_vocab_multiple: int = Field(
+        64, ge=1, description="Round the default vocab_size up to a multiple of this, for faster matmuls on GPUs."
+    )
     max_seq_len: int = Field(256, gt=0, description="Longest sequence the position embeddings cover.")
     d_model: int = Field(128, gt=0, description="Hidden size.")
     n_layers: int = Field(4, gt=0, description="Number of transformer blocks.")
     n_heads: int = Field(4, gt=0, description="Attention heads; must divide d_model.")
-    n_kv_heads: int | None = Field(None, gt=0, description="Key/value heads for grouped-query attention; "
-                                   "None means n_heads; must divide n_heads.")
-    d_ff: int | None = Field(None, gt=0, description="MLP hidden size. Default: 4*d_model for GELU, "
-                             "8/3*d_model rounded up to a multiple of 64 for SwiGLU.")
+    n_kv_heads: int | None = Field(
+        None, gt=0, description="Key/value heads for grouped-query attention; None means n_heads; must divide n_heads."
+    )
+    d_ff: int | None = Field(
+        None,
+        gt=0,
+        description="MLP hidden size. Default: 4*d_model for GELU, "
+        "8/3*d_model rounded up to a multiple of 64 for SwiGLU.",
+    )
     activation: Literal["gelu", "swiglu"] = Field("gelu", description="MLP activation.")
-    gelu_approximate: Literal["tanh", "none"] = Field("tanh", description="GELU variant: `tanh` (GPT-2) or "
-                                                      "`none`, the exact erf form (BERT).")
+    gelu_approximate: Literal["tanh", "none"] = Field(
+        "tanh", description="GELU variant: `tanh` (GPT-2) or `none`, the exact erf form (BERT)."
+    )
     norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalization layer.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the normalization layers.")
-    norm_position: Literal["pre", "post"] = Field("pre", description="`pre`: GPT-2/Llama pre-norm blocks; "
-                                                  "`post`: original BERT post-norm blocks.")
+    norm_position: Literal["pre", "post"] = Field(
+        "pre", description="`pre`: GPT-2/Llama pre-norm blocks; `post`: original BERT post-norm blocks."
+    )
     position: Literal["learned", "sinusoidal", "rope"] = Field("learned", description="Position encoding.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency (position=rope only).")
     bias: bool = Field(True, description="Biases in linear and norm layers.")
@@ -152,73 +192,98 @@ class ModelSection(Section):
 
     @model_validator(mode="after")
     def _shapes_agree(self) -> ModelSection:
-        _check(self.d_model % self.n_heads == 0,
-               f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
+        _check(
+            self.d_model % self.n_heads == 0, f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}"
+        )
         kv = self.n_kv_heads or self.n_heads
-        _check(self.n_heads % kv == 0,
-               f"model.n_kv_heads={kv} must divide model.n_heads={self.n_heads}")
+        _check(self.n_heads % kv == 0, f"model.n_kv_heads={kv} must divide model.n_heads={self.n_heads}")
         if self.position == "rope":
-            _check((self.d_model // self.n_heads) % 2 == 0, f"model.position=rope needs an even head "
-                   f"size, but d_model/n_heads = {self.d_model}/{self.n_heads} is odd")
-        _check(self.type_vocab_size == 0 or self.family == "bert",
-               f"model.type_vocab_size={self.type_vocab_size} only applies to family=bert; set it to 0")
+            _check(
+                (self.d_model // self.n_heads) % 2 == 0,
+                f"model.position=rope needs an even head "
+                f"size, but d_model/n_heads = {self.d_model}/{self.n_heads} is odd",
+            )
+        _check(
+            self.type_vocab_size == 0 or self.family == "bert",
+            f"model.type_vocab_size={self.type_vocab_size} only applies to family=bert; set it to 0",
+        )
         return self
 
 
 class TrainConfig(Section):
-    seq_len: int | None = Field(None, gt=0, description="Tokens per training sequence. Default: "
-                                "model.max_seq_len.")
-    micro_batch_size: int | None = Field(None, gt=0, description="Sequences per rank per forward pass. "
-                                         "Give any two of micro_batch_size, grad_accum_steps and "
-                                         "global_batch_size; the third is derived.")
-    grad_accum_steps: int | None = Field(None, gt=0, description="Micro-batches accumulated per "
-                                         "optimizer step.")
-    global_batch_size: int | None = Field(None, gt=0, description="Sequences per optimizer step over "
-                                          "all ranks = micro_batch_size x grad_accum_steps x data-parallel "
-                                          "size.")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to train. Give max_steps or "
-                                  "max_tokens.")
-    max_tokens: int | None = Field(None, gt=0, description="Token budget; max_steps is derived from it "
-                                   "and the global batch.")
+    seq_len: int | None = Field(None, gt=0, description="Tokens per training sequence. Default: model.max_seq_len.")
+    micro_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Sequences per rank per forward pass. "
+        "Give any two of micro_batch_size, grad_accum_steps and "
+        "global_batch_size; the third is derived.",
+    )
+    grad_accum_steps: int | None = Field(None, gt=0, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Sequences per optimizer step over "
+        "all ranks = micro_batch_size x grad_accum_steps x data-parallel "
+        "size.",
+    )
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to train. Give max_steps or max_tokens.")
+    max_tokens: int | None = Field(
+        None, gt=0, description="Token budget; max_steps is derived from it and the global batch."
+    )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to lr.")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup "
-                                                              "down to min_lr_ratio x lr.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay; norms, biases and "
-                                "embeddings get none.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup down to min_lr_ratio x lr."
+    )
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay; norms, biases and embeddings get none.")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision "
-                                                       "(bf16/fp16 keep fp32 master weights).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Training precision (bf16/fp16 keep fp32 master weights)."
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
-    offload_optimizer: bool = Field(False, description="Keep optimizer states on CPU (DeepSpeedCPUAdam); "
-                                    "ZeRO stage >= 1.")
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer states on CPU (DeepSpeedCPUAdam); ZeRO stage >= 1."
+    )
     offload_params: bool = Field(False, description="Keep parameters on CPU; ZeRO stage 3 only.")
-    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward "
-                                           "to save memory.")
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     log_every: int = Field(10, gt=0, description="Log training metrics every N optimizer steps.")
     eval_every: int = Field(100, ge=0, description="Validation loss every N steps; 0 disables.")
     eval_batches: int = Field(8, gt=0, description="Micro-batches per rank in each in-loop validation.")
-    checkpoint_every: int = Field(500, ge=0, description="Checkpoint every N steps (and always at the "
-                                  "end); 0 checkpoints only at the end.")
+    checkpoint_every: int = Field(
+        500, ge=0, description="Checkpoint every N steps (and always at the end); 0 checkpoints only at the end."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
-    profile_at_step: int | None = Field(None, gt=0, description="Record a torch profiler trace of "
-                                        "train.profile_steps optimizer steps from this step into "
-                                        "`<run_dir>/profile/` (Chrome trace: open it in Perfetto); None: off.")
+    profile_at_step: int | None = Field(
+        None,
+        gt=0,
+        description="Record a torch profiler trace of "
+        "train.profile_steps optimizer steps from this step into "
+        "`<run_dir>/profile/` (Chrome trace: open it in Perfetto); None: off.",
+    )
     profile_steps: int = Field(3, gt=0, description="Optimizer steps the profiler records.")
-    max_bad_steps: int = Field(5, ge=0, description="Steps with a non-finite loss or gradient (their update "
-                               "is skipped) tolerated within train.bad_step_window steps; one more rolls back "
-                               "to the last checkpoint and continues with the data after the bad batch.")
-    bad_step_window: int = Field(100, gt=0, description="Optimizer steps over which train.max_bad_steps "
-                                 "counts.")
-    peak_flops: float | None = Field(None, gt=0, description="Peak FLOP/s of one device for MFU. Default: "
-                                     "looked up for known GPUs; required for MFU on CPU.")
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config keys merged "
-                                      "over the derived config (a warning names each overridden key).")
+    max_bad_steps: int = Field(
+        5,
+        ge=0,
+        description="Steps with a non-finite loss or gradient (their update "
+        "is skipped) tolerated within train.bad_step_window steps; one more rolls back "
+        "to the last checkpoint and continues with the data after the bad batch.",
+    )
+    bad_step_window: int = Field(100, gt=0, description="Optimizer steps over which train.max_bad_steps counts.")
+    peak_flops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak FLOP/s of one device for MFU. Default: looked up for known GPUs; required for MFU on CPU.",
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed config keys merged over the derived config (a warning names each overridden key).",
+    )
 
     @field_validator("deepspeed")
     @classmethod
@@ -228,54 +293,75 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
-        _check(self.offload_params is False or self.zero_stage == 3,
-               f"train.offload_params=true needs train.zero_stage=3 (got {self.zero_stage})")
-        _check(self.offload_optimizer is False or self.zero_stage >= 1,
-               "train.offload_optimizer=true needs train.zero_stage >= 1")
+        _check(
+            self.offload_params is False or self.zero_stage == 3,
+            f"train.offload_params=true needs train.zero_stage=3 (got {self.zero_stage})",
+        )
+        _check(
+            self.offload_optimizer is False or self.zero_stage >= 1,
+            "train.offload_optimizer=true needs train.zero_stage >= 1",
+        )
         return self
 
 
 class EvalConfig(Section):
     batches: int = Field(32, gt=0, description="Validation micro-batches per rank in the eval stage.")
-    prompts: list[str] = Field(default_factory=lambda: ["def ", "import "], description="GPT: prompts "
-                               "to sample from; BERT: texts in which tokens are masked and filled.")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["def ", "import "],
+        description="GPT: prompts to sample from; BERT: texts in which tokens are masked and filled.",
+    )
     max_new_tokens: int = Field(64, gt=0, description="Tokens generated per prompt (GPT).")
     temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 is greedy (GPT).")
     top_k: int | None = Field(50, gt=0, description="Sample among the k most likely tokens (GPT).")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (GPT).")
-    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks to "
-                                     "run on the exported model (needs the `eval` extra).")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks to run on the exported model (needs the `eval` extra).",
+    )
 
 
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="Log the run to MLflow.")
-    uri: str | None = Field(None, description="MLflow tracking URI. Default: a sqlite store "
-                            "`<workdir>/mlflow.db`.")
+    uri: str | None = Field(None, description="MLflow tracking URI. Default: a sqlite store `<workdir>/mlflow.db`.")
     experiment: str = Field("pretrain", description="MLflow experiment name.")
     request_timeout_s: float = Field(10.0, gt=0, description="Timeout of one request to a tracking server.")
-    max_retries: int = Field(1, ge=0, description="Retries of one request to a tracking server before "
-                             "metrics are kept locally for a later sync.")
+    max_retries: int = Field(
+        1,
+        ge=0,
+        description="Retries of one request to a tracking server before metrics are kept locally for a later sync.",
+    )
 
 
 class ClusterConfig(Section):
-    address: str | None = Field(None, description="Ray cluster: None starts an embedded local Ray; "
-                                "`auto` or `HOST:PORT` attaches to a running one.")
+    address: str | None = Field(
+        None,
+        description="Ray cluster: None starts an embedded local Ray; `auto` or `HOST:PORT` attaches to a running one.",
+    )
     num_workers: int = Field(2, ge=1, description="Training workers (ranks); the data-parallel size.")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; otherwise CPU and gloo.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per training worker.")
-    max_failures: int = Field(0, ge=0, description="Restarts of the training worker group from the latest "
-                              "checkpoint after a worker dies.")
+    max_failures: int = Field(
+        0, ge=0, description="Restarts of the training worker group from the latest checkpoint after a worker dies."
+    )
 
 
 SECTIONS: dict[str, type[Section]] = {
-    "run": RunConfig, "data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelSection,
-    "train": TrainConfig, "eval": EvalConfig, "tracking": TrackingConfig, "cluster": ClusterConfig,
+    "run": RunConfig,
+    "data": DataConfig,
+    "tokenizer": TokenizerConfig,
+    "model": ModelSection,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "tracking": TrackingConfig,
+    "cluster": ClusterConfig,
 }
 
 
 # The keys `Config._resolve` fills in when they are left unset.
-_DERIVABLE = {"model": ("vocab_size",),
-              "train": ("seq_len", "micro_batch_size", "grad_accum_steps", "global_batch_size", "max_steps")}
+_DERIVABLE = {
+    "model": ("vocab_size",),
+    "train": ("seq_len", "micro_batch_size", "grad_accum_steps", "global_batch_size", "max_steps"),
+}
 
 
 class Config(Section):
@@ -296,25 +382,38 @@ class Config(Section):
     def _resolve(self) -> Config:
         """Fill derived values (vocab size, seq_len, batch triple, steps) and check they agree."""
         m, t = self.model, self.train
-        self._derived = {f"{section}.{key}" for section, keys in _DERIVABLE.items()
-                         for key in keys if getattr(getattr(self, section), key) is None}
+        self._derived = {
+            f"{section}.{key}"
+            for section, keys in _DERIVABLE.items()
+            for key in keys
+            if getattr(getattr(self, section), key) is None
+        }
         if m.vocab_size is None:
             m.vocab_size = math.ceil(self.tokenizer.vocab_size / m.pad_vocab_multiple) * m.pad_vocab_multiple
-        _check(m.vocab_size >= self.tokenizer.vocab_size, f"model.vocab_size={m.vocab_size} is smaller than "
-               f"tokenizer.vocab_size={self.tokenizer.vocab_size}; raise it or leave it unset")
+        _check(
+            m.vocab_size >= self.tokenizer.vocab_size,
+            f"model.vocab_size={m.vocab_size} is smaller than "
+            f"tokenizer.vocab_size={self.tokenizer.vocab_size}; raise it or leave it unset",
+        )
         t.seq_len = t.seq_len or m.max_seq_len
-        _check(t.seq_len <= m.max_seq_len,
-               f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        _check(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         self._resolve_batch()
         tokens_per_step = t.global_batch_size * t.seq_len
-        _check(t.max_tokens is None or t.max_tokens >= tokens_per_step, f"train.max_tokens={t.max_tokens} is "
-               f"less than one optimizer step ({tokens_per_step} tokens = global batch x seq_len); raise it")
+        _check(
+            t.max_tokens is None or t.max_tokens >= tokens_per_step,
+            f"train.max_tokens={t.max_tokens} is "
+            f"less than one optimizer step ({tokens_per_step} tokens = global batch x seq_len); raise it",
+        )
         if t.max_steps is not None and t.max_tokens is not None:
-            _check(t.max_tokens // tokens_per_step == t.max_steps, f"train.max_steps={t.max_steps} and "
-                   f"train.max_tokens={t.max_tokens} disagree ({tokens_per_step} tokens per step); give one")
+            _check(
+                t.max_tokens // tokens_per_step == t.max_steps,
+                f"train.max_steps={t.max_steps} and "
+                f"train.max_tokens={t.max_tokens} disagree ({tokens_per_step} tokens per step); give one",
+            )
         t.max_steps = t.max_steps or max(1, (t.max_tokens or 1000 * tokens_per_step) // tokens_per_step)
-        _check(t.warmup_steps <= t.max_steps,
-               f"train.warmup_steps={t.warmup_steps} exceeds train.max_steps={t.max_steps}")
+        _check(
+            t.warmup_steps <= t.max_steps, f"train.warmup_steps={t.warmup_steps} exceeds train.max_steps={t.max_steps}"
+        )
         return self
 
     def _resolve_batch(self) -> None:
@@ -326,13 +425,19 @@ class Config(Section):
         elif micro is None or accum is None:
             accum = accum or (1 if micro is None else None)
             known, per_rank_parts = (accum, "grad_accum_steps") if micro is None else (micro, "micro_batch_size")
-            _check(glob % (known * dp) == 0, f"train.global_batch_size={glob} is not divisible by "
-                   f"train.{per_rank_parts}={known} x cluster.num_workers={dp}; pick a multiple of {known * dp}")
+            _check(
+                glob % (known * dp) == 0,
+                f"train.global_batch_size={glob} is not divisible by "
+                f"train.{per_rank_parts}={known} x cluster.num_workers={dp}; pick a multiple of {known * dp}",
+            )
             micro, accum = (glob // (accum * dp), accum) if micro is None else (micro, glob // (micro * dp))
         product = micro * accum * dp
-        _check(glob is None or glob == product, f"train.global_batch_size={glob} must equal "
-               f"train.micro_batch_size={micro} x train.grad_accum_steps={accum} x cluster.num_workers={dp} "
-               f"= {product}; change one of them or leave one unset")
+        _check(
+            glob is None or glob == product,
+            f"train.global_batch_size={glob} must equal "
+            f"train.micro_batch_size={micro} x train.grad_accum_steps={accum} x cluster.num_workers={dp} "
+            f"= {product}; change one of them or leave one unset",
+        )
         t.micro_batch_size, t.grad_accum_steps, t.global_batch_size = micro, accum, product
 
     def model_args(self) -> dict[str, Any]:
@@ -427,8 +532,9 @@ def _descend(node: Any, kind: Any, path: list[str]) -> tuple[Any, Any]:
     slot, child = _slot(node, kind, path), _child_type(kind, path[-1])
     if _is_model(kind):
         if not (_is_model(child) or get_origin(child) in (list, dict)):
-            raise ConfigError(f"override: `{_dotted(path)}` is a single value with no keys below it; "
-                              f"set it as {_dotted(path)}=VALUE")
+            raise ConfigError(
+                f"override: `{_dotted(path)}` is a single value with no keys below it; set it as {_dotted(path)}=VALUE"
+            )
         if node.get(slot) is None:
             default = kind.model_fields[slot].get_default(call_default_factory=True)
             node[slot] = to_plain(default) if default is not None else {}
@@ -443,8 +549,10 @@ def _slot(node: Any, kind: Any, path: list[str]) -> str | int:
     free = kind is Any and isinstance(node, list)  # a list inside a free-form mapping
     expected = list if get_origin(kind) is list or free else dict
     if not isinstance(node, expected):
-        raise ConfigError(f"override: cannot set `{_dotted(path)}`: `{_dotted(path[:-1])}` is {_shown(node)}, "
-                          f"not a {'list' if expected is list else 'mapping'}; fix the file or override it whole")
+        raise ConfigError(
+            f"override: cannot set `{_dotted(path)}`: `{_dotted(path[:-1])}` is {_shown(node)}, "
+            f"not a {'list' if expected is list else 'mapping'}; fix the file or override it whole"
+        )
     if expected is list:
         return _list_index(node, key, path)
     if _is_model(kind) and key not in kind.model_fields:
@@ -478,8 +586,10 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def _list_index(node: list, key: str, path: list[str]) -> int:
     if not node:
-        raise ConfigError(f"override: `{_dotted(path)}` indexes an empty list; set the whole list instead, "
-                          f"e.g. {_dotted(path[:-1])}=[...]")
+        raise ConfigError(
+            f"override: `{_dotted(path)}` indexes an empty list; set the whole list instead, "
+            f"e.g. {_dotted(path[:-1])}=[...]"
+        )
     if not (key.isascii() and key.isdigit()) or int(key) >= len(node):
         raise ConfigError(f"override: `{_dotted(path)}` needs an index from 0 to {len(node) - 1}")
     return int(key)
@@ -508,8 +618,9 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         raw = _safe_load(path.read_text(encoding="utf-8"), f"{path}:")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8; "
-                          "save the file as UTF-8") from None
+        raise ConfigError(
+            f"{path}: byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8; save the file as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from None
     if raw is None:  # an empty file: all defaults
@@ -561,13 +672,16 @@ def config_reference_markdown() -> str:
     """A Markdown reference of every section and field, generated from the descriptions."""
     lines: list[str] = []
     for name, section in SECTIONS.items():
-        lines += [f"### `{name}`: {Config.model_fields[name].description}", "",
-                  "| key | default | description |", "| --- | --- | --- |"]
+        lines += [
+            f"### `{name}`: {Config.model_fields[name].description}",
+            "",
+            "| key | default | description |",
+            "| --- | --- | --- |",
+        ]
         for field_name, field in section.model_fields.items():
             default = field.get_default(call_default_factory=True)
             if isinstance(default, list):
-                default = [d.model_dump(exclude_defaults=True) if isinstance(d, BaseModel) else d
-                           for d in default]
+                default = [d.model_dump(exclude_defaults=True) if isinstance(d, BaseModel) else d for d in default]
             shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
             lines.append(f"| `{name}.{field_name}` | `{shown}` | {field.description} |")
         lines.append("")

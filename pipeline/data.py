@@ -21,6 +21,7 @@ from a generator seeded by (seed, epoch, p): reproducible after resume, whatever
 Shards are only ever memory-mapped; the loader's own memory is the epoch's sample table, 8 bytes
 per sample (3% of the shard bytes at seq_len 128 with uint16 tokens).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,15 +63,18 @@ def file_sha256(path: str | Path) -> str:
 def read_index(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / INDEX_FILE
     if not path.is_file():
-        raise DataError(f"{shard_dir}: no {INDEX_FILE}, so this is not a shard directory; build one with "
-                        "`pretrain shard CONFIG`")
+        raise DataError(
+            f"{shard_dir}: no {INDEX_FILE}, so this is not a shard directory; build one with `pretrain shard CONFIG`"
+        )
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); rebuild the shards with `pretrain shard CONFIG`") from None
     if index.get("format_version") != INDEX_FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {index.get('format_version')!r} is not the supported "
-                        f"{INDEX_FORMAT_VERSION}; rebuild the shards with `pretrain shard CONFIG`")
+        raise DataError(
+            f"{path}: format_version {index.get('format_version')!r} is not the supported "
+            f"{INDEX_FORMAT_VERSION}; rebuild the shards with `pretrain shard CONFIG`"
+        )
     return index
 
 
@@ -84,8 +88,10 @@ def check_shard_files(shard_dir: Path, index: dict, split: str, verify_checksums
             raise DataError(f"shard {shard['file']} is missing: {fix}")
         size, expected = path.stat().st_size, shard["tokens"] * itemsize
         if size != expected:
-            raise DataError(f"shard {shard['file']} has {size} bytes but {INDEX_FILE} says {shard['tokens']} "
-                            f"tokens ({expected} bytes): {fix}")
+            raise DataError(
+                f"shard {shard['file']} has {size} bytes but {INDEX_FILE} says {shard['tokens']} "
+                f"tokens ({expected} bytes): {fix}"
+            )
         if verify_checksums and file_sha256(path) != shard["sha256"]:
             raise DataError(f"shard {shard['file']} fails its sha256 check (corrupt or modified): {fix}")
 
@@ -118,8 +124,10 @@ def check_tokenizer_files(shard_dir: Path, index: dict) -> None:
         if not path.is_file():
             raise DataError(f"tokenizer file {path} is missing; the shards were made with it: {fix}")
         if file_sha256(path) != expected:
-            raise DataError(f"tokenizer file {path} was changed after the shards were made with it (sha256 "
-                            f"differs from {INDEX_FILE}): {fix}")
+            raise DataError(
+                f"tokenizer file {path} was changed after the shards were made with it (sha256 "
+                f"differs from {INDEX_FILE}): {fix}"
+            )
 
 
 class _SourceStream:
@@ -167,12 +175,15 @@ class TokenDataset:
         self.documents: int = sum(s["documents"] for s in shards)
         dtype = np.dtype(self.index["dtype"])
         self.streams = [
-            _SourceStream([self.shard_dir / s["file"] for s in shards if s["source"] == source],
-                          [s["tokens"] for s in shards if s["source"] == source], dtype)
-            for source in range(len(self.index["sources"]))]
+            _SourceStream(
+                [self.shard_dir / s["file"] for s in shards if s["source"] == source],
+                [s["tokens"] for s in shards if s["source"] == source],
+                dtype,
+            )
+            for source in range(len(self.index["sources"]))
+        ]
         # Mixing weights shape what the model trains on; validation measures the corpus as it is.
-        self.weights: list[float] | None = (
-            [s["weight"] for s in self.index["sources"]] if split == "train" else None)
+        self.weights: list[float] | None = [s["weight"] for s in self.index["sources"]] if split == "train" else None
 
     def source_names(self) -> list[str]:
         return [s["name"] for s in self.index["sources"]]
@@ -184,9 +195,11 @@ class TokenDataset:
 def check_vocab_fits(dataset: TokenDataset, model_vocab_size: int) -> None:
     """Before training: every token id of the shards must have an embedding row."""
     if dataset.vocab_size > model_vocab_size:
-        raise DataError(f"{dataset.shard_dir}: the tokenizer has {dataset.vocab_size} tokens but "
-                        f"model.vocab_size={model_vocab_size}; set model.vocab_size >= {dataset.vocab_size} "
-                        "or leave it unset to derive it from tokenizer.vocab_size")
+        raise DataError(
+            f"{dataset.shard_dir}: the tokenizer has {dataset.vocab_size} tokens but "
+            f"model.vocab_size={model_vocab_size}; set model.vocab_size >= {dataset.vocab_size} "
+            "or leave it unset to derive it from tokenizer.vocab_size"
+        )
 
 
 def windows_per_source(dataset: TokenDataset, seq_len: int, window: int) -> np.ndarray:
@@ -202,13 +215,14 @@ def target_counts(windows: np.ndarray, weights: list[float] | None, names: list[
     counts = np.floor(windows.sum() * share + 0.5).astype(np.int64)
     for name, count, available in zip(names, counts, windows):
         if count > 0 and available == 0:
-            raise DataError(f"source {name} has weight > 0 but too few training tokens for one window; "
-                            "lower train.seq_len, add documents or drop the source")
+            raise DataError(
+                f"source {name} has weight > 0 but too few training tokens for one window; "
+                "lower train.seq_len, add documents or drop the source"
+            )
     return counts
 
 
-def epoch_sample_table(windows: np.ndarray, counts: np.ndarray, seed: int, epoch: int,
-                       shuffle: bool) -> np.ndarray:
+def epoch_sample_table(windows: np.ndarray, counts: np.ndarray, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """Global window ids of one epoch (sources' windows numbered one after another), in sample order."""
     offsets = np.concatenate([[0], np.cumsum(windows)])
     parts = []
@@ -221,8 +235,15 @@ def epoch_sample_table(windows: np.ndarray, counts: np.ndarray, seed: int, epoch
     return np.random.default_rng([seed, epoch, _PERMUTE]).permutation(table) if shuffle else table
 
 
-def mlm_mask(tokens: np.ndarray, rng: np.random.Generator, *, probability: float, mask_token_id: int,
-             special_ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def mlm_mask(
+    tokens: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    probability: float,
+    mask_token_id: int,
+    special_ids: np.ndarray,
+    vocab_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """BERT masking of one sample: (inputs, labels), labels IGNORE_INDEX except at chosen positions."""
     chosen = (rng.random(tokens.shape) < probability) & ~np.isin(tokens, special_ids)
     action = rng.random(tokens.shape)
@@ -238,9 +259,22 @@ def mlm_mask(tokens: np.ndarray, rng: np.random.Generator, *, probability: float
 class BatchLoader:
     """Micro-batches for one rank; see the module docstring for the sampling contract."""
 
-    def __init__(self, dataset: TokenDataset, *, family: str, seq_len: int, micro_batch_size: int, rank: int,
-                 world_size: int, seed: int, shuffle: bool = True, mask_token_id: int | None = None,
-                 special_token_ids=(), vocab_size: int | None = None, mlm_probability: float = 0.15):
+    def __init__(
+        self,
+        dataset: TokenDataset,
+        *,
+        family: str,
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        mask_token_id: int | None = None,
+        special_token_ids=(),
+        vocab_size: int | None = None,
+        mlm_probability: float = 0.15,
+    ):
         _check_loader_args(family, seq_len, micro_batch_size, rank, world_size, mask_token_id)
         self.dataset, self.family, self.seq_len = dataset, family, seq_len
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
@@ -255,9 +289,11 @@ class BatchLoader:
         self.samples_per_epoch = int(self._counts.sum())
         chunk = micro_batch_size * world_size
         if self.samples_per_epoch < chunk:
-            raise DataError(f"split `{dataset.split}` of {dataset.shard_dir} has {self.samples_per_epoch} samples "
-                            f"of {self.window} tokens, fewer than one micro-batch over all ranks "
-                            f"({micro_batch_size} x {world_size}); add data or lower seq_len or the batch size")
+            raise DataError(
+                f"split `{dataset.split}` of {dataset.shard_dir} has {self.samples_per_epoch} samples "
+                f"of {self.window} tokens, fewer than one micro-batch over all ranks "
+                f"({micro_batch_size} x {world_size}); add data or lower seq_len or the batch size"
+            )
         self.epoch, self.samples_consumed = 0, 0
         self._table: np.ndarray | None = None
         self._table_epoch = -1
@@ -268,8 +304,10 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         epoch, consumed = int(state["epoch"]), int(state["samples_consumed"])
         if epoch < 0 or not 0 <= consumed <= self.samples_per_epoch:
-            raise DataError(f"loader state {state} does not fit this data ({self.samples_per_epoch} samples "
-                            "per epoch); resume with the shards the run started with")
+            raise DataError(
+                f"loader state {state} does not fit this data ({self.samples_per_epoch} samples "
+                "per epoch); resume with the shards the run started with"
+            )
         self.epoch, self.samples_consumed = epoch, consumed
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -301,10 +339,18 @@ class BatchLoader:
         for row, position in enumerate(positions):
             rng = np.random.default_rng([self.seed, self.epoch, _MASK, int(position)])
             inputs[row], labels[row] = mlm_mask(
-                windows[row], rng, probability=self.mlm_probability, mask_token_id=self.mask_token_id,
-                special_ids=self.special_ids, vocab_size=self.vocab_size)
-        return {"input_ids": _tensor(inputs), "labels": _tensor(labels),
-                "attention_mask": _tensor(np.ones_like(inputs))}
+                windows[row],
+                rng,
+                probability=self.mlm_probability,
+                mask_token_id=self.mask_token_id,
+                special_ids=self.special_ids,
+                vocab_size=self.vocab_size,
+            )
+        return {
+            "input_ids": _tensor(inputs),
+            "labels": _tensor(labels),
+            "attention_mask": _tensor(np.ones_like(inputs)),
+        }
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -314,13 +360,16 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _check_loader_args(family: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                       mask_token_id: int | None) -> None:
+def _check_loader_args(
+    family: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int, mask_token_id: int | None
+) -> None:
     if family not in ("gpt", "bert"):
         raise DataError(f"family={family!r}: use `gpt` or `bert`")
     if seq_len < 1 or micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise DataError(f"seq_len={seq_len}, micro_batch_size={micro_batch_size}, rank={rank}, "
-                        f"world_size={world_size}: need positive sizes and 0 <= rank < world_size")
+        raise DataError(
+            f"seq_len={seq_len}, micro_batch_size={micro_batch_size}, rank={rank}, "
+            f"world_size={world_size}: need positive sizes and 0 <= rank < world_size"
+        )
     if family == "bert" and mask_token_id is None:
         raise DataError("family=bert needs mask_token_id (see pipeline.tokenizer.special_token_ids)")
 
@@ -330,22 +379,30 @@ def inspect_shards(shard_dir: str | Path) -> str:
     shard_dir = Path(shard_dir)
     index = read_index(shard_dir)
     splits = index["splits"]
-    lines = [f"{shard_dir}: {index['family']} shards, vocab {index['vocab_size']} ({index['dtype']}), "
-             f"tokenizer {index['tokenizer_fingerprint']}, separator id {index['separator_id']}",
-             f"{'split':<6} {'documents':>10} {'tokens':>12} {'source bytes':>13} {'bytes/token':>11} "
-             f"{'shards':>6}  shard tokens min/median/max"]
+    lines = [
+        f"{shard_dir}: {index['family']} shards, vocab {index['vocab_size']} ({index['dtype']}), "
+        f"tokenizer {index['tokenizer_fingerprint']}, separator id {index['separator_id']}",
+        f"{'split':<6} {'documents':>10} {'tokens':>12} {'source bytes':>13} {'bytes/token':>11} "
+        f"{'shards':>6}  shard tokens min/median/max",
+    ]
     for name, split in splits.items():
         sizes = [s["tokens"] for s in split["shards"]] or [0]
-        lines.append(f"{name:<6} {split['documents']:>10,} {split['tokens']:>12,} {split['source_bytes']:>13,} "
-                     f"{split['source_bytes'] / max(split['tokens'], 1):>11.2f} {len(split['shards']):>6}  "
-                     f"{min(sizes):,}/{int(median(sizes)):,}/{max(sizes):,}")
+        lines.append(
+            f"{name:<6} {split['documents']:>10,} {split['tokens']:>12,} {split['source_bytes']:>13,} "
+            f"{split['source_bytes'] / max(split['tokens'], 1):>11.2f} {len(split['shards']):>6}  "
+            f"{min(sizes):,}/{int(median(sizes)):,}/{max(sizes):,}"
+        )
     documents = sum(s["documents"] for s in splits.values())
     tokens = sum(s["tokens"] for s in splits.values())
     val = splits.get("val", {"documents": 0, "tokens": 0})
-    lines.append(f"val share: {val['documents'] / max(documents, 1):.1%} of documents, "
-                 f"{val['tokens'] / max(tokens, 1):.1%} of tokens")
+    lines.append(
+        f"val share: {val['documents'] / max(documents, 1):.1%} of documents, "
+        f"{val['tokens'] / max(tokens, 1):.1%} of tokens"
+    )
     for source in index["sources"]:
-        lines.append(f"source {source['name']}: weight {source['weight']:g} -> {source['target_share']:.1%} of "
-                     f"training tokens (natural {source['natural_share']:.1%}), {source['documents']:,} documents, "
-                     f"{source['train_tokens']:,} train tokens, {source['invalid_utf8_bytes']} invalid UTF-8 bytes")
+        lines.append(
+            f"source {source['name']}: weight {source['weight']:g} -> {source['target_share']:.1%} of "
+            f"training tokens (natural {source['natural_share']:.1%}), {source['documents']:,} documents, "
+            f"{source['train_tokens']:,} train tokens, {source['invalid_utf8_bytes']} invalid UTF-8 bytes"
+        )
     return "\n".join(lines)

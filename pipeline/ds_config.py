@@ -9,6 +9,7 @@ any model under a few billion parameters, so a whole model's gradients are flatt
 and ZeRO-3 keeps every gathered parameter alive: transient full-size copies that hide ZeRO's savings
 (bench/zero_memory.py measures both settings).
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,15 @@ def bucket_sizes(num_parameters: int, d_model: int) -> dict[str, int]:
     }
 
 
-def deepspeed_config(train: TrainConfig, data_parallel_size: int, *, num_parameters: int, d_model: int,
-                     on_gpu: bool = False, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(
+    train: TrainConfig,
+    data_parallel_size: int,
+    *,
+    num_parameters: int,
+    d_model: int,
+    on_gpu: bool = False,
+    load_universal: bool = False,
+) -> dict[str, Any]:
     """The DeepSpeed JSON for `train` on `data_parallel_size` ranks; `train.deepspeed` keys override it
     (a warning names each key that replaced a derived value). `load_universal`: the checkpoint to load
     is in DeepSpeed's universal format (a ZeRO checkpoint of another world size)."""
@@ -61,8 +69,12 @@ def _optimizer(train: TrainConfig, on_gpu: bool) -> dict[str, Any]:
     """AdamW; torch's implementation unless the optimizer is offloaded (then DeepSpeedCPUAdam).
     Weight decay here is the default; the engine passes parameter groups that turn it off for norms,
     biases and embeddings."""
-    params: dict[str, Any] = {"lr": train.lr, "betas": [train.beta1, train.beta2], "eps": train.adam_eps,
-                              "weight_decay": train.weight_decay}
+    params: dict[str, Any] = {
+        "lr": train.lr,
+        "betas": [train.beta1, train.beta2],
+        "eps": train.adam_eps,
+        "weight_decay": train.weight_decay,
+    }
     if not train.offload_optimizer:
         params["torch_adam"] = True
         if on_gpu:
@@ -91,8 +103,16 @@ def _precision(precision: str) -> dict[str, Any]:
     if precision == "fp16":
         # Dynamic loss scaling: start at 2^16, halve on overflow (after `hysteresis` overflows),
         # double after `loss_scale_window` clean steps.
-        return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                         "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}
+        return {
+            "fp16": {
+                "enabled": True,
+                "loss_scale": 0,
+                "initial_scale_power": 16,
+                "loss_scale_window": 1000,
+                "hysteresis": 2,
+                "min_loss_scale": 1,
+            }
+        }
     return {}
 
 
@@ -105,7 +125,6 @@ def merge_overrides(derived: dict[str, Any], overrides: dict[str, Any], prefix: 
             merged[key] = merge_overrides(merged[key], value, prefix=f"{path}.")
             continue
         if key in merged and merged[key] != value:
-            warnings.warn(f"train.deepspeed.{path}={value!r} overrides the derived value {merged[key]!r}",
-                          stacklevel=2)
+            warnings.warn(f"train.deepspeed.{path}={value!r} overrides the derived value {merged[key]!r}", stacklevel=2)
         merged[key] = copy.deepcopy(value)
     return merged

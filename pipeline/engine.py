@@ -19,6 +19,7 @@ file carries. `verify_checkpoint` therefore lists every pickled global in every 
 (without loading it) and refuses anything beyond tensors, containers and the four DeepSpeed types its
 checkpoints hold; our own loads use `weights_only=True` with those types allowed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,9 +83,15 @@ def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, schedule: str
 
 def lr_schedule(train: TrainConfig):
     """A callable DeepSpeed turns into the scheduler: LambdaLR over `lr_multiplier`."""
+
     def multiplier(step: int) -> float:
-        return lr_multiplier(step, warmup_steps=train.warmup_steps, max_steps=train.max_steps,
-                             schedule=train.schedule, min_lr_ratio=train.min_lr_ratio)
+        return lr_multiplier(
+            step,
+            warmup_steps=train.warmup_steps,
+            max_steps=train.max_steps,
+            schedule=train.schedule,
+            min_lr_ratio=train.min_lr_ratio,
+        )
 
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
@@ -159,15 +166,20 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
     for block in model.transformer.blocks:
         forward = block.forward
-        block.forward = lambda *args, _forward=forward, **kwargs: checkpoint(_forward, *args,
-                                                                            use_reentrant=False, **kwargs)
+        block.forward = lambda *args, _forward=forward, **kwargs: checkpoint(
+            _forward, *args, use_reentrant=False, **kwargs
+        )
 
 
 def initialize(model: nn.Module, train: TrainConfig, ds_config: dict[str, Any]):
     """The DeepSpeed engine: AdamW over the weight-decay groups, the LR schedule, ZeRO per ds_config;
     the module compiled with torch.compile when train.compile is set."""
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, train.weight_decay),
-                                      lr_scheduler=lr_schedule(train), config=ds_config)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, train.weight_decay),
+        lr_scheduler=lr_schedule(train),
+        config=ds_config,
+    )
     if _plain_fp32(engine):
         _skip_steps_on_overflow(engine.optimizer)
     if train.compile:
@@ -228,11 +240,11 @@ def load_checkpoint(engine, checkpoints_dir: Path, tag: str) -> None:
     """Restore model, optimizer, scheduler (and loss scaler) from `<checkpoints_dir>/<tag>/`."""
     path, _ = engine.load_checkpoint(str(checkpoints_dir), tag=tag)
     if path is None:
-        raise CheckpointError(f"{checkpoints_dir / tag}: DeepSpeed found no checkpoint to load; delete "
-                                f"the directory to start over")
+        raise CheckpointError(
+            f"{checkpoints_dir / tag}: DeepSpeed found no checkpoint to load; delete the directory to start over"
+        )
     scheduler = engine.lr_scheduler  # apply the schedule of the current config (max_steps may have changed)
-    for group, base_lr, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
-                                          scheduler.lr_lambdas):
+    for group, base_lr, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * multiplier(scheduler.last_epoch)
 
 
@@ -242,9 +254,17 @@ def convert_to_universal(checkpoint: Path, out_dir: Path) -> None:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     with contextlib.redirect_stdout(io.StringIO()):
-        ds_to_universal(argparse.Namespace(input_folder=str(checkpoint), output_folder=str(out_dir),
-                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                           strict=True, inject_missing_state=True))
+        ds_to_universal(
+            argparse.Namespace(
+                input_folder=str(checkpoint),
+                output_folder=str(out_dir),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
+        )
 
 
 def current_lr(engine) -> float:
@@ -272,9 +292,13 @@ def verify_checkpoint(tag_dir: Path) -> None:
         try:
             unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
         except Exception as exc:  # not a torch zip file at all: DeepSpeed would unpickle it blindly
-            raise CheckpointError(f"refusing to load {path}: it is not a readable torch checkpoint ({exc}); "
-                                  "delete this checkpoint directory to resume from an older one") from None
+            raise CheckpointError(
+                f"refusing to load {path}: it is not a readable torch checkpoint ({exc}); "
+                "delete this checkpoint directory to resume from an older one"
+            ) from None
         if unsafe:
-            raise CheckpointError(f"refusing to load {path}: it pickles {', '.join(sorted(unsafe))}, which "
-                                  "checkpoints of this pipeline never contain (a tampered or foreign file); "
-                                  "delete this checkpoint directory to resume from an older one")
+            raise CheckpointError(
+                f"refusing to load {path}: it pickles {', '.join(sorted(unsafe))}, which "
+                "checkpoints of this pipeline never contain (a tampered or foreign file); "
+                "delete this checkpoint directory to resume from an older one"
+            )

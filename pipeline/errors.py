@@ -5,6 +5,7 @@ CLI, the torchrun entry point and the Ray boundaries catch `UserError` and nothi
 the line (no traceback on the console) and keep the traceback in the run's `logs/`. Anything else
 is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 
@@ -55,8 +56,9 @@ class SlurmError(UserError):
 class StageFailed(UserError):
     """A pipeline stage raised: names the stage and its traceback file; earlier artifacts are kept."""
 
-    def __init__(self, stage: str, cause: str, log: object) -> None:
-        super().__init__(f"stage `{stage}` failed: {cause} (traceback: {log}; artifacts of earlier stages are kept)")
+    def __init__(self, stage: str, cause: str, log: object | None) -> None:
+        where = f"traceback: {log}" if log is not None else "its traceback could not be saved"
+        super().__init__(f"stage `{stage}` failed: {cause} ({where}; artifacts of earlier stages are kept)")
         self.stage = stage
 
 
@@ -64,6 +66,7 @@ class RunStopped(UserError):
     """Training stopped on request (SIGTERM) after writing a checkpoint; later stages did not run."""
 
     def __init__(self, run_dir: object, step: int) -> None:
-        super().__init__(f"run stopped on request at step {step} after a checkpoint; continue it with "
-                         f"`pretrain resume {run_dir}`")
+        super().__init__(
+            f"run stopped on request at step {step} after a checkpoint; continue it with `pretrain resume {run_dir}`"
+        )
         self.step = step

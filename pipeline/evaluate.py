@@ -25,12 +25,13 @@ Bits per byte is reported for GPT only: a causal LM's loss is the log-likelihood
 chain rule over every token), hence a code length. BERT's MLM loss scores ~15% of tokens, each given
 the other 85% of the text on both sides; it is no likelihood of the text and no code length.
 """
+
 from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -57,9 +58,16 @@ def evaluate(config: Config, model: nn.Module, tokenizer, shard_dir: str | Path,
     return report
 
 
-def evaluate_run(config: Config, run_dir: str | Path, shard_dir: str | Path, tokenizer_dir: str | Path,
-                 checkpoint_tag: str | None = None, lm_eval_tasks: list[str] | None = None,
-                 lm_eval_include: str | Path | None = None, lm_eval_limit: int | float | None = None) -> dict:
+def evaluate_run(
+    config: Config,
+    run_dir: str | Path,
+    shard_dir: str | Path,
+    tokenizer_dir: str | Path,
+    checkpoint_tag: str | None = None,
+    lm_eval_tasks: list[str] | None = None,
+    lm_eval_include: str | Path | None = None,
+    lm_eval_limit: int | float | None = None,
+) -> dict:
     """Evaluate a run's latest (or `checkpoint_tag`) checkpoint into `<run_dir>/eval/`; with lm-eval
     tasks (default eval.lm_eval_tasks) the model is also exported to a temporary HF directory and
     scored by lm-evaluation-harness. Returns the report."""
@@ -70,8 +78,12 @@ def evaluate_run(config: Config, run_dir: str | Path, shard_dir: str | Path, tok
     if torch.cuda.is_available():
         model.cuda()
     trained = read_trainer_state(checkpoints_dir(Path(run_dir)) / tag)
-    report = {"checkpoint": tag, "step": trained["step"], "tokens_seen": trained["tokens_seen"],
-              **evaluation_report(config, model, load_tokenizer(tokenizer_dir), shard_dir)}
+    report = {
+        "checkpoint": tag,
+        "step": trained["step"],
+        "tokens_seen": trained["tokens_seen"],
+        **evaluation_report(config, model, load_tokenizer(tokenizer_dir), shard_dir),
+    }
     if tasks:
         with tempfile.TemporaryDirectory(prefix=".lm-eval-", dir=run_dir) as scratch:
             export_dir = export_model(model, tokenizer_dir, Path(scratch) / "hf", generation=config.eval)
@@ -92,12 +104,20 @@ def evaluation_report(config: Config, model: nn.Module, tokenizer, shard_dir: st
         examples = make_examples(config, model, tokenizer)
     finally:
         model.train(was_training)
-    metrics = {"val_loss": validation["loss"], "perplexity": validation["perplexity"],
-               "bits_per_byte": validation.get("bits_per_byte"), "mlm_accuracy": validation.get("mlm_accuracy")}
-    report = {"run": config.run.name, "family": family, "shard_dir": str(Path(shard_dir).resolve()),
-              # Only numbers: the orchestrator logs `metrics` as MLflow metrics.
-              "metrics": {name: value for name, value in metrics.items() if value is not None},
-              "validation": validation}
+    metrics = {
+        "val_loss": validation["loss"],
+        "perplexity": validation["perplexity"],
+        "bits_per_byte": validation.get("bits_per_byte"),
+        "mlm_accuracy": validation.get("mlm_accuracy"),
+    }
+    report = {
+        "run": config.run.name,
+        "family": family,
+        "shard_dir": str(Path(shard_dir).resolve()),
+        # Only numbers: the orchestrator logs `metrics` as MLflow metrics.
+        "metrics": {name: value for name, value in metrics.items() if value is not None},
+        "validation": validation,
+    }
     if family == "bert":
         return report | {"fill_mask": examples}
     sampling = config.eval.model_dump(include={"temperature", "top_k", "top_p", "max_new_tokens"})
@@ -112,8 +132,17 @@ def validation_loader(config: Config, dataset: TokenDataset, tokenizer, micro_ba
     """The val split in order, as the training loop's in-loop validation reads it on one rank."""
     family = config.model.family
     masking = bert_masking_ids(tokenizer) if family == "bert" else {}
-    return BatchLoader(dataset, family=family, seq_len=config.train.seq_len, micro_batch_size=micro_batch_size,
-                       rank=0, world_size=1, seed=config.run.seed, shuffle=False, **masking)
+    return BatchLoader(
+        dataset,
+        family=family,
+        seq_len=config.train.seq_len,
+        micro_batch_size=micro_batch_size,
+        rank=0,
+        world_size=1,
+        seed=config.run.seed,
+        shuffle=False,
+        **masking,
+    )
 
 
 def validation_batches(config: Config, dataset: TokenDataset, tokenizer) -> tuple[list[int], int, Iterator[dict]]:
@@ -153,21 +182,32 @@ def validation_metrics(config: Config, model: nn.Module, tokenizer, dataset: Tok
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         labels = batch["labels"]
         keep = labels != IGNORE_INDEX
-        nats += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum").item()
+        nats += F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
         scored += int(keep.sum())
         correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
     if scored == 0:
-        raise DataError(f"{dataset.shard_dir}: the val split gave no token to score; raise data.val_permille "
-                        "or lower train.seq_len")
+        raise DataError(
+            f"{dataset.shard_dir}: the val split gave no token to score; raise data.val_permille or lower train.seq_len"
+        )
     loss = nats / scored
-    result = {"batches": len(sizes), "windows": sum(sizes), "split_windows": windows,
-              "seq_len": config.train.seq_len, "scored_tokens": scored, "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    result = {
+        "batches": len(sizes),
+        "windows": sum(sizes),
+        "split_windows": windows,
+        "seq_len": config.train.seq_len,
+        "scored_tokens": scored,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+    }
     if config.model.family == "gpt":
         return result | bits_per_byte_figures(loss, scored, dataset, whole_split=sum(sizes) == windows)
-    return result | {"mlm_accuracy": correct / scored,
-                     "note": "loss and accuracy over the masked positions (15%: 80% [MASK], 10% random, "
-                             "10% kept); no bits per byte: the MLM loss is no likelihood of the text"}
+    return result | {
+        "mlm_accuracy": correct / scored,
+        "note": "loss and accuracy over the masked positions (15%: 80% [MASK], 10% random, "
+        "10% kept); no bits per byte: the MLM loss is no likelihood of the text",
+    }
 
 
 def bits_per_byte(nats_per_token: float, bytes_per_token: float) -> float:
@@ -177,11 +217,15 @@ def bits_per_byte(nats_per_token: float, bytes_per_token: float) -> float:
 def bits_per_byte_figures(loss: float, scored_tokens: int, dataset: TokenDataset, whole_split: bool) -> dict:
     """Bits per byte and what it rests on (see the module docstring for when it is exact)."""
     bytes_per_token = dataset.source_bytes / dataset.total_tokens
-    return {"bits_per_byte": bits_per_byte(loss, bytes_per_token), "bytes_per_token": bytes_per_token,
-            "split_tokens": dataset.total_tokens, "split_source_bytes": dataset.source_bytes,
-            "coverage": scored_tokens / dataset.total_tokens,
-            # Every window scored: all tokens but each source's first and its tail shorter than a window.
-            "bits_per_byte_exact": whole_split}
+    return {
+        "bits_per_byte": bits_per_byte(loss, bytes_per_token),
+        "bytes_per_token": bytes_per_token,
+        "split_tokens": dataset.total_tokens,
+        "split_source_bytes": dataset.source_bytes,
+        "coverage": scored_tokens / dataset.total_tokens,
+        # Every window scored: all tokens but each source's first and its tail shorter than a window.
+        "bits_per_byte_exact": whole_split,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,13 +243,20 @@ def gpt_samples(config: Config, model: nn.Module, tokenizer) -> list[dict]:
     for prompt in settings.prompts:
         # Every training document follows a separator: leading with one makes the prompt a document's start.
         prompt_ids = [separator] + tokenizer.encode(prompt).ids
-        ids = model.generate(torch.tensor([prompt_ids], device=device), settings.max_new_tokens,
-                             temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                             eos_token_id=separator, generator=generator)[0, len(prompt_ids):].tolist()
+        ids = model.generate(
+            torch.tensor([prompt_ids], device=device),
+            settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            eos_token_id=separator,
+            generator=generator,
+        )[0, len(prompt_ids) :].tolist()
         ended = separator in ids
-        ids = ids[:ids.index(separator)] if ended else ids
-        samples.append({"prompt": prompt, "completion": tokenizer.decode(ids), "new_tokens": len(ids),
-                        "ended_document": ended})
+        ids = ids[: ids.index(separator)] if ended else ids
+        samples.append(
+            {"prompt": prompt, "completion": tokenizer.decode(ids), "new_tokens": len(ids), "ended_document": ended}
+        )
     return samples
 
 
@@ -227,15 +278,26 @@ def fill_mask_examples(config: Config, model: nn.Module, tokenizer) -> list[dict
         inputs = torch.tensor([[special.separator, *masked, special.separator]], device=device)
         top = model(inputs).logits[0, 1:-1].float().softmax(-1)[positions].topk(FILL_MASK_TOP_K)
         filled, predictions = list(ids), []
-        for position, probabilities, candidates in zip(positions.tolist(), top.values.tolist(),
-                                                       top.indices.tolist()):
+        for position, probabilities, candidates in zip(positions.tolist(), top.values.tolist(), top.indices.tolist()):
             filled[position] = candidates[0]
-            predictions.append({"position": position, "original": tokenizer.decode([ids[position]]),
-                                "correct": candidates[0] == ids[position],
-                                "top": [{"token": tokenizer.decode([c]), "probability": p}
-                                        for c, p in zip(candidates, probabilities)]})
-        examples.append({"prompt": prompt, "masked_text": tokenizer.decode(masked, skip_special_tokens=False),
-                         "filled_text": tokenizer.decode(filled), "predictions": predictions})
+            predictions.append(
+                {
+                    "position": position,
+                    "original": tokenizer.decode([ids[position]]),
+                    "correct": candidates[0] == ids[position],
+                    "top": [
+                        {"token": tokenizer.decode([c]), "probability": p} for c, p in zip(candidates, probabilities)
+                    ],
+                }
+            )
+        examples.append(
+            {
+                "prompt": prompt,
+                "masked_text": tokenizer.decode(masked, skip_special_tokens=False),
+                "filled_text": tokenizer.decode(filled),
+                "predictions": predictions,
+            }
+        )
     return examples
 
 
@@ -243,8 +305,9 @@ def merge_lm_eval(report: dict, scores: dict[str, dict[str, float]]) -> None:
     """Scores under report["lm_eval"], and as `lm_eval/<task>/<metric>` metrics for MLflow."""
     report["lm_eval"] = scores
     for task, values in scores.items():
-        report["metrics"].update({f"lm_eval/{task}/{metric}": value for metric, value in values.items()
-                                  if metric != "samples"})
+        report["metrics"].update(
+            {f"lm_eval/{task}/{metric}": value for metric, value in values.items() if metric != "samples"}
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,13 +341,17 @@ def format_summary(report: dict) -> str:
 
 
 def _validation_lines(v: dict) -> list[str]:
-    lines = [f"validation: {v['windows']} of the split's {v['split_windows']} windows of {v['seq_len']} tokens "
-             f"({v['batches']} micro-batches), {v['scored_tokens']:,} tokens scored",
-             f"  loss           {v['loss']:.4f} nats/token", f"  perplexity     {v['perplexity']:.3f}"]
+    lines = [
+        f"validation: {v['windows']} of the split's {v['split_windows']} windows of {v['seq_len']} tokens "
+        f"({v['batches']} micro-batches), {v['scored_tokens']:,} tokens scored",
+        f"  loss           {v['loss']:.4f} nats/token",
+        f"  perplexity     {v['perplexity']:.3f}",
+    ]
     if "bits_per_byte" in v:
         exact = "the whole split" if v["bits_per_byte_exact"] else f"{v['coverage']:.1%} of the split, an estimate"
-        lines.append(f"  bits per byte  {v['bits_per_byte']:.4f} ({v['bytes_per_token']:.3f} source bytes/token; "
-                     f"scored {exact})")
+        lines.append(
+            f"  bits per byte  {v['bits_per_byte']:.4f} ({v['bytes_per_token']:.3f} source bytes/token; scored {exact})"
+        )
     if "mlm_accuracy" in v:
         lines.append(f"  MLM accuracy   {v['mlm_accuracy']:.4f} (masked positions)")
     return lines
@@ -294,8 +361,11 @@ def _sample_lines(samples: list[dict]) -> list[str]:
     lines = []
     for sample in samples:
         end = " <end of document>" if sample["ended_document"] else ""
-        lines += [f"--- sample from prompt {sample['prompt']!r} ({sample['new_tokens']} new tokens)",
-                  sample["prompt"] + sample["completion"] + end, ""]
+        lines += [
+            f"--- sample from prompt {sample['prompt']!r} ({sample['new_tokens']} new tokens)",
+            sample["prompt"] + sample["completion"] + end,
+            "",
+        ]
     return lines
 
 

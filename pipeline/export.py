@@ -11,6 +11,7 @@ temporary name and renamed into place when complete, so a crash never leaves a h
 loads. Models with no Hugging Face equivalent (sinusoidal positions, pre-norm BERT, ...) are refused
 before any work, with the config key to change.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,13 @@ def _exportable_arch(model_cfg) -> str:
         raise ExportError(f"cannot export to Hugging Face format: {exc}") from None
 
 
-def export_hf(config: Config, run_dir: str | Path, out_dir: str | Path, checkpoint_tag: str | None = None,
-              tokenizer_dir: str | Path | None = None) -> Path:
+def export_hf(
+    config: Config,
+    run_dir: str | Path,
+    out_dir: str | Path,
+    checkpoint_tag: str | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
     """Export a run's latest (or `checkpoint_tag`) checkpoint to out_dir; returns out_dir.
 
     The tokenizer comes from `tokenizer_dir`, by default the tokenizer stage's output recorded in
@@ -57,8 +63,9 @@ def run_tokenizer_dir(run_dir: str | Path) -> Path:
     return RunState.load(Path(run_dir)).output("tokenizer")
 
 
-def load_checkpoint_model(config: Config, run_dir: str | Path, checkpoint_tag: str | None = None
-                          ) -> tuple[nn.Module, str]:
+def load_checkpoint_model(
+    config: Config, run_dir: str | Path, checkpoint_tag: str | None = None
+) -> tuple[nn.Module, str]:
     """(the model consolidated in fp32 from a checkpoint of any ZeRO stage, in eval mode; its tag)."""
     from pipeline.engine import consolidated_state_dict  # imports deepspeed: only when a run is loaded
 
@@ -69,13 +76,16 @@ def load_checkpoint_model(config: Config, run_dir: str | Path, checkpoint_tag: s
         model.load_state_dict(state)
     except RuntimeError as exc:
         mismatch = str(exc).splitlines()[-1].strip()  # e.g. "size mismatch for lm_head.weight: ..."
-        raise ExportError(f"{checkpoints_dir(Path(run_dir)) / tag}: the checkpoint does not fit the config's "
-                          f"model section ({mismatch}); pass the run's own {run_dir}/config.yaml") from None
+        raise ExportError(
+            f"{checkpoints_dir(Path(run_dir)) / tag}: the checkpoint does not fit the config's "
+            f"model section ({mismatch}); pass the run's own {run_dir}/config.yaml"
+        ) from None
     return model.eval(), tag
 
 
-def export_model(model: nn.Module, tokenizer_dir: str | Path, out_dir: str | Path,
-                 generation: EvalConfig | None = None) -> Path:
+def export_model(
+    model: nn.Module, tokenizer_dir: str | Path, out_dir: str | Path, generation: EvalConfig | None = None
+) -> Path:
     """Export an in-memory GPT or BERT with the tokenizer in tokenizer_dir to out_dir (replacing any
     previous export there, atomically); returns out_dir. `generation` sets the sampling defaults of
     generation_config.json (causal LMs)."""
@@ -104,8 +114,10 @@ def _write_export(model: nn.Module, tokenizer_dir: Path, directory: Path, genera
 def copy_tokenizer_files(tokenizer_dir: Path, directory: Path) -> None:
     """Every file of the tokenizer directory except the stage manifest (which describes the cache entry)."""
     if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise ExportError(f"{tokenizer_dir}: no tokenizer.json; pass the tokenizer stage's output "
-                                "directory (`pretrain run CONFIG --only tokenizer` builds it)")
+        raise ExportError(
+            f"{tokenizer_dir}: no tokenizer.json; pass the tokenizer stage's output "
+            "directory (`pretrain run CONFIG --only tokenizer` builds it)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     for path in tokenizer_dir.iterdir():
         if path.is_file() and path.name != MANIFEST:
@@ -137,8 +149,11 @@ def generation_config(tokens: dict[str, int | None], generation: EvalConfig | No
         sampling = generation.temperature > 0
         settings.update(max_new_tokens=generation.max_new_tokens, do_sample=sampling)
         if sampling:
-            settings.update(temperature=generation.temperature, top_k=generation.top_k or 0,
-                            top_p=generation.top_p if generation.top_p is not None else 1.0)
+            settings.update(
+                temperature=generation.temperature,
+                top_k=generation.top_k or 0,
+                top_p=generation.top_p if generation.top_p is not None else 1.0,
+            )
     return GenerationConfig(**settings)
 
 

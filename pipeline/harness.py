@@ -6,6 +6,7 @@ child process gets them without changing the caller's process: `run_lm_eval` sta
 `python -m pipeline.harness` with HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1 and the include directory
 as its cwd, and reads back the scores. A problem the user can fix comes back as the same UserError.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,13 @@ _USER_ERROR_EXIT = 2
 _ERRORS = {"ConfigError": ConfigError, "ExportError": ExportError}
 
 
-def run_lm_eval(export_dir: str | Path, tasks: list[str], include_path: str | Path | None = None,
-                limit: int | float | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
+def run_lm_eval(
+    export_dir: str | Path,
+    tasks: list[str],
+    include_path: str | Path | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+) -> dict[str, dict[str, float]]:
     """Score an exported causal LM with lm-evaluation-harness, offline: {task: {metric: value}}.
 
     Tasks come from lm-eval's built-in YAMLs (their datasets must be in the HF datasets cache) or from
@@ -36,12 +42,26 @@ def run_lm_eval(export_dir: str | Path, tasks: list[str], include_path: str | Pa
         raise ConfigError(f"{include_path}: the lm-eval include path must be a directory of task YAML files")
     with tempfile.TemporaryDirectory(prefix="pretrain-lm-eval-") as scratch:
         out = Path(scratch) / "scores.json"
-        command = [sys.executable, "-m", "pipeline.harness", str(export_dir), "--out", str(out),
-                   "--batch-size", str(batch_size), "--tasks", *tasks]
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline.harness",
+            str(export_dir),
+            "--out",
+            str(out),
+            "--batch-size",
+            str(batch_size),
+            "--tasks",
+            *tasks,
+        ]
         command += ["--include", str(include_dir)] if include_dir else []
         command += ["--limit", str(limit)] if limit is not None else []
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [_project_root(), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [_project_root(), os.environ.get("PYTHONPATH")])),
+        }
         done = subprocess.run(command, cwd=include_dir or scratch, env=env, capture_output=True, text=True)
         if done.returncode == _USER_ERROR_EXIT:
             kind, _, message = done.stderr.strip().splitlines()[-1].partition(": ")
@@ -61,8 +81,9 @@ def check_causal_export(export_dir: Path) -> None:
         raise ExportError(f"{export_dir}: no config.json; export the run first (`pretrain export RUN_DIR`)")
     architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
     if not any(name.endswith("ForCausalLM") or name.endswith("LMHeadModel") for name in architectures):
-        raise ExportError(f"{config_file}: lm-eval scores causal LMs, this is {architectures}; "
-                          "run lm-eval on a model.family=gpt run")
+        raise ExportError(
+            f"{config_file}: lm-eval scores causal LMs, this is {architectures}; run lm-eval on a model.family=gpt run"
+        )
 
 
 def lm_eval_task_manager(tasks: list[str], include_dir: Path | None):
@@ -77,8 +98,10 @@ def lm_eval_task_manager(tasks: list[str], include_dir: Path | None):
     manager = TaskManager(include_path=str(include_dir) if include_dir else None)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        raise ConfigError(f"lm-eval tasks {unknown} are unknown; check the names (`lm-eval ls tasks`) or pass "
-                          "the directory of their task YAML as the include path")
+        raise ConfigError(
+            f"lm-eval tasks {unknown} are unknown; check the names (`lm-eval ls tasks`) or pass "
+            "the directory of their task YAML as the include path"
+        )
     return manager
 
 
@@ -111,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import lm_eval
     except ImportError:
-        print("ConfigError: lm-eval is not installed; install the eval extra: pip install -e '.[eval]'",
-              file=sys.stderr)
+        print(
+            "ConfigError: lm-eval is not installed; install the eval extra: pip install -e '.[eval]'", file=sys.stderr
+        )
         return _USER_ERROR_EXIT
     import torch
 
@@ -123,9 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return _USER_ERROR_EXIT
     results = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": args.export_dir, "dtype": "float32"}, tasks=list(args.tasks),
-        task_manager=manager, device="cuda" if torch.cuda.is_available() else "cpu",
-        batch_size=args.batch_size, limit=limit, log_samples=False)
+        model="hf",
+        model_args={"pretrained": args.export_dir, "dtype": "float32"},
+        tasks=list(args.tasks),
+        task_manager=manager,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        batch_size=args.batch_size,
+        limit=limit,
+        log_samples=False,
+    )
     Path(args.out).write_text(json.dumps(lm_eval_scores(results)), encoding="utf-8")
     return 0
 

@@ -1,4 +1,5 @@
 """From the pipeline's config to a `models` module: the one place that maps one onto the other."""
+
 from __future__ import annotations
 
 import torch

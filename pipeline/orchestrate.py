@@ -12,18 +12,19 @@ to the run's journal; the driver sends that to MLflow while they train and sets 
 after the last stage. A user error, wherever it was raised (here, in a Ray task, in a training rank),
 ends the run with one line naming the stage; its traceback is in `<run_dir>/logs/`.
 """
+
 from __future__ import annotations
 
 import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from pipeline.artifacts import StageResult, atomic_write_text, read_manifest
+from pipeline.artifacts import StageResult, read_manifest
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, RunStopped, StageFailed, UserError
 from pipeline.rundir import (
@@ -39,8 +40,8 @@ from pipeline.rundir import (
     absolute_paths,
     checkpoints_dir,
     config_path,
-    error_log,
     prepare_run_dir,
+    save_traceback,
     write_checkpoint_manifest,
 )
 from pipeline.runtime import ray_connection
@@ -51,6 +52,7 @@ class StageOutput:
     """What a stage hands back: its artifact directory, its figures, whether the cache served it, the
     training step its figures belong to (eval figures are logged at the evaluated step), and whether
     it stopped on request (training only)."""
+
     path: Path
     figures: dict
     reused: bool = False
@@ -58,8 +60,7 @@ class StageOutput:
     stopped: bool = False
 
 
-def select_stages(only: str | None = None, from_stage: str | None = None, until: str | None = None
-                  ) -> list[str]:
+def select_stages(only: str | None = None, from_stage: str | None = None, until: str | None = None) -> list[str]:
     """The stages to run, in order: one (`only`), or from `from_stage` (default first) to `until`."""
     if only and (from_stage or until):
         raise ConfigError("give --only, or --from (and an end stage), not both")
@@ -70,11 +71,17 @@ def select_stages(only: str | None = None, from_stage: str | None = None, until:
         return [only]
     first = STAGES.index(from_stage) if from_stage else 0
     last = STAGES.index(until) if until else len(STAGES) - 1
-    return list(STAGES[first:last + 1])
+    return list(STAGES[first : last + 1])
 
 
-def run_pipeline(config: Config, *, only: str | None = None, from_stage: str | None = None,
-                 until: str | None = None, echo: Callable[[str], None] = print) -> dict:
+def run_pipeline(
+    config: Config,
+    *,
+    only: str | None = None,
+    from_stage: str | None = None,
+    until: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
     """Run the selected stages in order; returns {stage: figures}. Raises StageFailed naming the stage."""
     from pipeline.tracking.store import environment_tags, open_tracker
 
@@ -97,6 +104,9 @@ def run_pipeline(config: Config, *, only: str | None = None, from_stage: str | N
                     status = "KILLED"
                     raise RunStopped(run_dir, output.step)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         tracker.finish(status)
     return results
@@ -110,8 +120,9 @@ def checkpoint_requests_outside_training(echo: Callable[[str], None]):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: echo(
-        "SIGUSR1 outside training: no checkpoint to write, continuing"))
+    previous = signal.signal(
+        signal.SIGUSR1, lambda signum, frame: echo("SIGUSR1 outside training: no checkpoint to write, continuing")
+    )
     try:
         yield
     finally:
@@ -132,16 +143,14 @@ def _run_stage(stage: str, config: Config, run_dir: Path, state: RunState, track
         raise
     except Exception as exc:
         cause = _remote_cause(exc)
-        log = error_log(run_dir, stage)
-        atomic_write_text(log, "".join(traceback.format_exception(exc)))
+        log = save_traceback(run_dir, stage, "".join(traceback.format_exception(exc)))
         state.record(stage, "failed", error=f"{type(cause).__name__}: {cause}")
         log_stage(tracker, stage, {}, "failed")
         shown = str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}"
         raise StageFailed(stage, shown, log) from exc
     seconds = round(time.perf_counter() - started, 1)
     status = "stopped" if output.stopped else "done"
-    state.record(stage, status, path=str(output.path), reused=output.reused, figures=output.figures,
-                 seconds=seconds)
+    state.record(stage, status, path=str(output.path), reused=output.reused, figures=output.figures, seconds=seconds)
     log_stage(tracker, stage, output.figures, status, step=output.step)
     echo(f"{stage}: {'reused ' if output.reused else ''}{output.path} ({seconds} s)")
     return output
@@ -225,8 +234,9 @@ def evaluate_existing_run(run_dir: Path, checkpoint_tag: str | None = None, **lm
     run_dir = Path(run_dir).resolve()
     config = load_config(config_path(run_dir))
     state = RunState.load(run_dir)
-    report = evaluate_run(config, run_dir, state.output("shard"), state.output("tokenizer"),
-                          checkpoint_tag=checkpoint_tag, **lm_eval)
+    report = evaluate_run(
+        config, run_dir, state.output("shard"), state.output("tokenizer"), checkpoint_tag=checkpoint_tag, **lm_eval
+    )
     tracker = open_tracker(config, run_dir)
     output = log_eval_artifacts(tracker, run_dir, report)
     log_stage(tracker, "eval", output.figures, "done", step=output.step)

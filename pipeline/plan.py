@@ -6,6 +6,7 @@ K=12 of optimizer state (fp32 master weights, momentum, variance). In fp32 there
 copy: 4 + 4 + 8. ZeRO-1 partitions the optimizer state over the data-parallel ranks, ZeRO-2 also
 the gradients, ZeRO-3 also the weights. Offloaded states live in host memory instead.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,18 +47,21 @@ def checkpoint_bytes(n_params: int, precision: str, zero_stage: int) -> int:
     return n_params * (weights + optimizer + master_copy)
 
 
-def model_state_memory(n_params: int, precision: str, dp_size: int, *, offload_optimizer: bool = False,
-                       offload_params: bool = False) -> list[StageMemory]:
+def model_state_memory(
+    n_params: int, precision: str, dp_size: int, *, offload_optimizer: bool = False, offload_params: bool = False
+) -> list[StageMemory]:
     """Per-GPU bytes of weights, gradients and optimizer state for ZeRO stages 0-3."""
     weights, grads, optimizer = (n_params * b for b in bytes_per_parameter(precision))
     rows = []
     for stage in range(4):
-        rows.append(StageMemory(
-            stage=stage,
-            params=0.0 if offload_params and stage == 3 else weights / (dp_size if stage >= 3 else 1),
-            grads=grads / (dp_size if stage >= 2 else 1),
-            optimizer=0.0 if offload_optimizer and stage >= 1 else optimizer / (dp_size if stage >= 1 else 1),
-        ))
+        rows.append(
+            StageMemory(
+                stage=stage,
+                params=0.0 if offload_params and stage == 3 else weights / (dp_size if stage >= 3 else 1),
+                grads=grads / (dp_size if stage >= 2 else 1),
+                optimizer=0.0 if offload_optimizer and stage >= 1 else optimizer / (dp_size if stage >= 1 else 1),
+            )
+        )
     return rows
 
 
@@ -65,8 +69,7 @@ def checkpointed_activation_bytes(cfg, micro_batch: int, seq_len: int, value_byt
     """With activation checkpointing each block keeps only its input; one block's full activations
     live again while it is recomputed in backward, and the head's are kept as before."""
     head = activation_memory_bytes(dataclasses.replace(cfg, n_layers=0), micro_batch, seq_len, value_bytes)
-    one_layer = activation_memory_bytes(dataclasses.replace(cfg, n_layers=1), micro_batch, seq_len,
-                                        value_bytes) - head
+    one_layer = activation_memory_bytes(dataclasses.replace(cfg, n_layers=1), micro_batch, seq_len, value_bytes) - head
     block_inputs = cfg.n_layers * micro_batch * seq_len * cfg.d_model * value_bytes
     return head + one_layer + block_inputs
 
@@ -93,9 +96,13 @@ def make_plan(config: Config) -> dict:
         "micro_batch_size": t.micro_batch_size,
         "seq_len": t.seq_len,
         "zero_stage": t.zero_stage,
-        "model_states": model_state_memory(n_params, t.precision, config.data_parallel_size,
-                                           offload_optimizer=t.offload_optimizer,
-                                           offload_params=t.offload_params),
+        "model_states": model_state_memory(
+            n_params,
+            t.precision,
+            config.data_parallel_size,
+            offload_optimizer=t.offload_optimizer,
+            offload_params=t.offload_params,
+        ),
         "activation_bytes": activations,
         "checkpointed_activation_bytes": checkpointed,
         "activation_checkpointing": t.activation_checkpointing,
@@ -119,8 +126,10 @@ def format_plan(plan: dict) -> str:
     ]
     for row in plan["model_states"]:
         marker = "  <- configured" if row.stage == plan["zero_stage"] else ""
-        lines.append(f"{row.stage:<5} {row.params / GIB:<10.3f} {row.grads / GIB:<10.3f} "
-                     f"{row.optimizer / GIB:<10.3f} {row.total / GIB:.3f}{marker}")
+        lines.append(
+            f"{row.stage:<5} {row.params / GIB:<10.3f} {row.grads / GIB:<10.3f} "
+            f"{row.optimizer / GIB:<10.3f} {row.total / GIB:.3f}{marker}"
+        )
     configured = plan["model_states"][plan["zero_stage"]].total
     activations = plan["checkpointed_activation_bytes" if plan["activation_checkpointing"] else "activation_bytes"]
     lines += [

@@ -19,6 +19,7 @@
 Nothing here imports torch, deepspeed, ray or mlflow: the CLI, the Slurm job helpers and the status
 command read run directories without them. Only this module knows these names.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -88,19 +89,28 @@ def config_path(run_dir: Path) -> Path:
     """`<run_dir>/config.yaml`, or ConfigError when run_dir is not a run directory."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); give the directory "
-                          "`pretrain run` printed, e.g. <workdir>/runs/<name>")
+        raise ConfigError(
+            f"{run_dir}: not a run directory (no {CONFIG_FILE}); give the directory "
+            "`pretrain run` printed, e.g. <workdir>/runs/<name>"
+        )
     return path
 
 
-def error_log(run_dir: Path, name: str) -> Path:
-    """Where a traceback of `name` (a stage, a rank) goes: `<run_dir>/logs/<name>-error.txt`."""
-    return Path(run_dir) / LOGS_DIR / f"{name}-error.txt"
+def save_traceback(run_dir: Path, name: str, text: str) -> Path | None:
+    """Keep the traceback of `name` (a stage, a rank) in `<run_dir>/logs/<name>-error.txt`; None when it
+    cannot be written (a full disk is often why the run failed): the error itself must still be told."""
+    path = Path(run_dir) / LOGS_DIR / f"{name}-error.txt"
+    try:
+        atomic_write_text(path, text)
+    except OSError:
+        return None
+    return path
 
 
 @dataclass
 class RunState:
     """What run.json records: per stage {status, path, reused, fingerprint, figures, updated, ...}."""
+
     path: Path
     stages: dict
 
@@ -118,8 +128,10 @@ class RunState:
     def output(self, stage: str) -> Path:
         entry = self.stages.get(stage, {})
         if entry.get("status") != "done":
-            raise ConfigError(f"{self.path}: stage `{stage}` has not completed in this run; run "
-                              f"`pretrain run CONFIG --only {stage}` (or without --from/--only) first")
+            raise ConfigError(
+                f"{self.path}: stage `{stage}` has not completed in this run; run "
+                f"`pretrain run CONFIG --only {stage}` (or without --from/--only) first"
+            )
         return Path(entry["path"])
 
 
@@ -151,8 +163,10 @@ def latest_tag(run_dir: Path) -> str | None:
     if tag is None:
         return None
     if not is_complete(checkpoints_dir(run_dir) / tag):
-        raise CheckpointError(f"{checkpoints_dir(run_dir) / LATEST} names {tag!r}, which is not a complete "
-                              "checkpoint; point it at a complete step-* directory or delete it to start over")
+        raise CheckpointError(
+            f"{checkpoints_dir(run_dir) / LATEST} names {tag!r}, which is not a complete "
+            "checkpoint; point it at a complete step-* directory or delete it to start over"
+        )
     return tag
 
 
@@ -189,7 +203,11 @@ def read_trainer_state(checkpoint: Path) -> dict:
 def latest_step(run_dir: Path) -> int | None:
     """The step of the latest complete checkpoint, None without one (the Slurm job script asks this)."""
     tag = latest_pointer(run_dir)
-    return int(_TAG.match(tag).group(1)) if tag and _TAG.match(tag) and is_complete(checkpoints_dir(run_dir) / tag) else None
+    return (
+        int(_TAG.match(tag).group(1))
+        if tag and _TAG.match(tag) and is_complete(checkpoints_dir(run_dir) / tag)
+        else None
+    )
 
 
 def write_checkpoint_manifest(run_dir: Path) -> Path:
@@ -199,8 +217,16 @@ def write_checkpoint_manifest(run_dir: Path) -> Path:
     for path in complete_checkpoints(run_dir):
         trainer = read_trainer_state(path)
         files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
-        entries.append({"tag": path.name, "step": trainer["step"], "tokens_seen": trainer["tokens_seen"],
-                        "world_size": trainer["world_size"], "bytes": sum(files.values()), "files": files})
+        entries.append(
+            {
+                "tag": path.name,
+                "step": trainer["step"],
+                "tokens_seen": trainer["tokens_seen"],
+                "world_size": trainer["world_size"],
+                "bytes": sum(files.values()),
+                "files": files,
+            }
+        )
     manifest = checkpoints_dir(run_dir) / CHECKPOINT_MANIFEST
     atomic_write_json(manifest, {"latest": latest_tag(run_dir), "checkpoints": entries})
     return manifest

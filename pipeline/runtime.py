@@ -5,15 +5,16 @@ engine and the Slurm job ask this module. It imports no torch at module level: R
 (through `quiet_ray_workers`) before Ray sets their thread count, and a torch imported that early keeps
 more intra-op threads than torchrun gives a rank, so float sums would no longer match torchrun's.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.config import Config
 
@@ -40,9 +41,10 @@ def worker_environment(use_gpu: bool) -> dict[str, str]:
     """Variables every Ray worker of a run gets: DeepSpeed's accelerator matching the workers' devices,
     and Ray Train's print patch off (it tees each worker print to stdout and the root logger: every
     line twice)."""
-    return {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-            # Ray's own banners and per-task warnings go to the session logs, not the user's console.
-            "RAY_DEDUP_LOGS": "0"}
+    return {
+        "DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
 
 
 def ray_temp_root() -> Path:
@@ -60,15 +62,25 @@ def ray_connection(config: Config) -> Iterator[None]:
         yield
         return
     c = config.cluster
-    runtime_env = {"worker_process_setup_hook": "pipeline.runtime.quiet_ray_workers",
-                   "env_vars": worker_environment(c.use_gpu)}
-    quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
+    runtime_env = {
+        "worker_process_setup_hook": "pipeline.runtime.quiet_ray_workers",
+        "env_vars": worker_environment(c.use_gpu),
+    }
+    # Workers' output (library banners, DeepSpeed and torch warnings, Ray Train's controller) stays in
+    # the Ray session logs; the driver tells the user what happens. Ray's own driver-side messages
+    # below ERROR (the token-authentication banner of a local cluster) are not shown.
+    quiet = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.ERROR}
     if c.address:
         ray.init(address=c.address, runtime_env=runtime_env, **quiet)
     else:
         needed = int(math.ceil(max(c.num_workers * c.cpus_per_worker, config.data.num_workers)))
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
-                 _temp_dir=str(ray_temp_root()), runtime_env=runtime_env, **quiet)
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, needed),
+            include_dashboard=False,
+            _temp_dir=str(ray_temp_root()),
+            runtime_env=runtime_env,
+            **quiet,
+        )
     try:
         yield
     finally:

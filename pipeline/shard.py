@@ -18,6 +18,7 @@ splits.{train,val}: shards [{file, source, tokens, documents, source_bytes, sha2
 train_tokens, val_tokens, text_bytes, invalid_utf8_bytes}]. The shard directory also holds a copy
 of the tokenizer in `tokenizer/`, so it is self-contained for evaluation and export.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,8 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -52,8 +53,15 @@ CODE_VERSION = "shard-3"  # 2: index.json holds tokenizer sha256s; 3: fingerprin
 WINDOW_BYTES = 64 << 20  # text tokenized per round trip to the workers: bounds the driver's memory
 BATCH_DOCUMENTS = 64  # documents per tokenizer call (and per Ray Data batch)
 BLOCKS_PER_WORKER = 8  # more blocks than workers, so a worker that finishes early takes more work
-RESULT_SCHEMA = pa.schema([("source", pa.int64()), ("index", pa.int64()), ("val", pa.bool_()),
-                           ("source_bytes", pa.int64()), ("tokens", pa.binary())])
+RESULT_SCHEMA = pa.schema(
+    [
+        ("source", pa.int64()),
+        ("index", pa.int64()),
+        ("val", pa.bool_()),
+        ("source_bytes", pa.int64()),
+        ("tokens", pa.binary()),
+    ]
+)
 
 
 class TokenizeBatch:
@@ -72,20 +80,26 @@ class TokenizeBatch:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()
-        tokens = [np.concatenate([np.asarray(self.tokenizer.encode(t).ids, dtype=self.dtype), self.separator])
-                  .tobytes() for t in texts]
-        return pa.table({
-            "source": batch.column("source"), "index": batch.column("index"),
-            "val": pa.array([is_validation(t, self.val_permille) for t in texts], pa.bool_()),
-            "source_bytes": pa.array([len(t.encode("utf-8")) for t in texts], pa.int64()),
-            "tokens": pa.array(tokens, pa.binary()),
-        }, schema=RESULT_SCHEMA)
+        tokens = [
+            np.concatenate([np.asarray(self.tokenizer.encode(t).ids, dtype=self.dtype), self.separator]).tobytes()
+            for t in texts
+        ]
+        return pa.table(
+            {
+                "source": batch.column("source"),
+                "index": batch.column("index"),
+                "val": pa.array([is_validation(t, self.val_permille) for t in texts], pa.bool_()),
+                "source_bytes": pa.array([len(t.encode("utf-8")) for t in texts], pa.int64()),
+                "tokens": pa.array(tokens, pa.binary()),
+            },
+            schema=RESULT_SCHEMA,
+        )
 
 
 class _Shard:
     def __init__(self, path: Path, source: int):
         self.path, self.source = path, source
-        self.handle = open(path, "wb")
+        self.handle = open(path, "wb")  # noqa: SIM115 (open while the shard fills; closed by close())
         self.sha256 = hashlib.sha256()
         self.tokens = self.documents = self.source_bytes = 0
 
@@ -98,8 +112,14 @@ class _Shard:
 
     def close(self) -> dict:
         self.handle.close()
-        return {"file": self.path.name, "source": self.source, "tokens": self.tokens,
-                "documents": self.documents, "source_bytes": self.source_bytes, "sha256": self.sha256.hexdigest()}
+        return {
+            "file": self.path.name,
+            "source": self.source,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "source_bytes": self.source_bytes,
+            "sha256": self.sha256.hexdigest(),
+        }
 
 
 class SplitWriter:
@@ -128,9 +148,12 @@ class SplitWriter:
 
     def finish(self) -> dict:
         self._close()
-        return {"shards": self.shards, "tokens": sum(s["tokens"] for s in self.shards),
-                "documents": sum(s["documents"] for s in self.shards),
-                "source_bytes": sum(s["source_bytes"] for s in self.shards)}
+        return {
+            "shards": self.shards,
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "documents": sum(s["documents"] for s in self.shards),
+            "source_bytes": sum(s["source_bytes"] for s in self.shards),
+        }
 
 
 def document_windows(documents: Iterable[Document], max_bytes: int) -> Iterator[list[Document]]:
@@ -146,9 +169,13 @@ def document_windows(documents: Iterable[Document], max_bytes: int) -> Iterator[
 
 
 def documents_table(documents: list[Document]) -> pa.Table:
-    return pa.table({"source": pa.array([d.source for d in documents], pa.int64()),
-                     "index": pa.array([d.index for d in documents], pa.int64()),
-                     "text": pa.array([d.text for d in documents], pa.string())})
+    return pa.table(
+        {
+            "source": pa.array([d.source for d in documents], pa.int64()),
+            "index": pa.array([d.index for d in documents], pa.int64()),
+            "text": pa.array([d.text for d in documents], pa.string()),
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -158,8 +185,10 @@ def tokenize_executor(config: Config, **tokenize_args) -> Iterator[Callable[[lis
     num_workers = config.data.num_workers
     if num_workers == 1:
         tokenize = TokenizeBatch(**tokenize_args)
-        yield lambda documents: (tokenize(documents_table(documents[start:start + BATCH_DOCUMENTS]))
-                                 for start in range(0, len(documents), BATCH_DOCUMENTS))
+        yield lambda documents: (
+            tokenize(documents_table(documents[start : start + BATCH_DOCUMENTS]))
+            for start in range(0, len(documents), BATCH_DOCUMENTS)
+        )
         return
     import ray
 
@@ -173,11 +202,19 @@ def _ray_tokenize(documents: list[Document], num_workers: int, tokenize_args: di
     import ray
 
     # from_items builds its blocks in the driver: no remote metadata tasks, unlike from_arrow.
-    dataset = ray.data.from_items([{"source": d.source, "index": d.index, "text": d.text} for d in documents],
-                                  override_num_blocks=min(len(documents), num_workers * BLOCKS_PER_WORKER))
-    tokenized = dataset.map_batches(TokenizeBatch, fn_constructor_kwargs=tokenize_args,
-                                    compute=ray.data.ActorPoolStrategy(size=num_workers),
-                                    batch_size=BATCH_DOCUMENTS, batch_format="pyarrow", num_cpus=1)
+    dataset = ray.data.from_items(
+        [{"source": d.source, "index": d.index, "text": d.text} for d in documents],
+        override_num_blocks=min(len(documents), num_workers * BLOCKS_PER_WORKER),
+    )
+    tokenized = dataset.map_batches(
+        TokenizeBatch,
+        fn_constructor_kwargs=tokenize_args,
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        batch_size=BATCH_DOCUMENTS,
+        batch_format="pyarrow",
+        num_cpus=1,
+        max_restarts=0,  # a lost tokenizer actor fails the stage; the rerun is byte-identical
+    )
     return tokenized.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
@@ -190,49 +227,97 @@ def write_shards(config: Config, tokenizer_dir: Path, tokenizer_fp: str, directo
     dtype = token_dtype(tokenizer.get_vocab_size())
     writers = {split: SplitWriter(directory, split, dtype, data.shard_tokens) for split in SPLITS}
     readers = make_readers(data)
-    tokenize_args = {"tokenizer_dir": str(tokenizer_dir), "separator_id": separator_id, "dtype": dtype.name,
-                     "val_permille": data.val_permille}
-    with tokenize_executor(config, **tokenize_args) as tokenize, \
-            tqdm(unit="B", unit_scale=True, desc="shard", disable=None) as bar:
+    tokenize_args = {
+        "tokenizer_dir": str(tokenizer_dir),
+        "separator_id": separator_id,
+        "dtype": dtype.name,
+        "val_permille": data.val_permille,
+    }
+    with (
+        tokenize_executor(config, **tokenize_args) as tokenize,
+        tqdm(unit="B", unit_scale=True, desc="shard", disable=None) as bar,
+    ):
         for window in document_windows(iter_corpus(data, readers), WINDOW_BYTES):
-            results = pa.concat_tables(tokenize(window)).sort_by(
-                [("source", "ascending"), ("index", "ascending")])
+            results = pa.concat_tables(tokenize(window)).sort_by([("source", "ascending"), ("index", "ascending")])
             for row in results.to_pylist():
                 writers["val" if row["val"] else "train"].add(row["source"], row["tokens"], row["source_bytes"])
                 bar.update(row["source_bytes"])
     splits = {split: writer.finish() for split, writer in writers.items()}
     if splits["val"]["documents"] == 0:
-        print(f"warning: no document fell into the validation split (data.val_permille={data.val_permille}); "
-              "validation needs one: raise data.val_permille or add documents", file=sys.stderr, flush=True)
+        print(
+            f"warning: no document fell into the validation split (data.val_permille={data.val_permille}); "
+            "validation needs one: raise data.val_permille or add documents",
+            file=sys.stderr,
+            flush=True,
+        )
     shutil.copytree(tokenizer_dir, directory / SHARD_TOKENIZER_DIR, ignore=shutil.ignore_patterns("manifest.json"))
-    write_index(directory, family=family, vocab_size=tokenizer.get_vocab_size(), tokenizer_fp=tokenizer_fp,
-                separator_id=separator_id, data=data, splits=splits, sources=source_summaries(readers, splits))
+    write_index(
+        directory,
+        family=family,
+        vocab_size=tokenizer.get_vocab_size(),
+        tokenizer_fp=tokenizer_fp,
+        separator_id=separator_id,
+        data=data,
+        splits=splits,
+        sources=source_summaries(readers, splits),
+    )
     seconds = time.perf_counter() - started
     tokens = sum(s["tokens"] for s in splits.values())
-    return {"tokens": tokens, "documents": sum(s["documents"] for s in splits.values()),
-            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-            "num_workers": data.num_workers}
+    return {
+        "tokens": tokens,
+        "documents": sum(s["documents"] for s in splits.values()),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "num_workers": data.num_workers,
+    }
 
 
-def write_index(directory: Path, *, family: str, vocab_size: int, tokenizer_fp: str, separator_id: int,
-                data: DataConfig, splits: dict, sources: list[dict]) -> None:
-    atomic_write_json(directory / INDEX_FILE, {
-        "format_version": INDEX_FORMAT_VERSION, "family": family, "vocab_size": vocab_size,
-        "dtype": token_dtype(vocab_size).name, "tokenizer_fingerprint": tokenizer_fp, "separator_id": separator_id,
-        "tokenizer_sha256": tokenizer_hashes(directory / SHARD_TOKENIZER_DIR),
-        "shard_tokens": data.shard_tokens, "val_permille": data.val_permille, "splits": splits, "sources": sources})
+def write_index(
+    directory: Path,
+    *,
+    family: str,
+    vocab_size: int,
+    tokenizer_fp: str,
+    separator_id: int,
+    data: DataConfig,
+    splits: dict,
+    sources: list[dict],
+) -> None:
+    atomic_write_json(
+        directory / INDEX_FILE,
+        {
+            "format_version": INDEX_FORMAT_VERSION,
+            "family": family,
+            "vocab_size": vocab_size,
+            "dtype": token_dtype(vocab_size).name,
+            "tokenizer_fingerprint": tokenizer_fp,
+            "separator_id": separator_id,
+            "tokenizer_sha256": tokenizer_hashes(directory / SHARD_TOKENIZER_DIR),
+            "shard_tokens": data.shard_tokens,
+            "val_permille": data.val_permille,
+            "splits": splits,
+            "sources": sources,
+        },
+    )
 
 
 def source_summaries(readers: list[SourceReader], splits: dict) -> list[dict]:
     """Per-source totals and weights; the loader mixes by weight, natural_share is the unmixed share."""
-    train_tokens = [sum(s["tokens"] for s in splits["train"]["shards"] if s["source"] == i)
-                    for i in range(len(readers))]
+    train_tokens = [
+        sum(s["tokens"] for s in splits["train"]["shards"] if s["source"] == i) for i in range(len(readers))
+    ]
     total_weight = sum(r.source.weight for r in readers)
-    return [{**reader.stats.as_dict(), "weight": reader.source.weight,
-             "target_share": reader.source.weight / total_weight,
-             "natural_share": train_tokens[i] / max(sum(train_tokens), 1), "train_tokens": train_tokens[i],
-             "val_tokens": sum(s["tokens"] for s in splits["val"]["shards"] if s["source"] == i)}
-            for i, reader in enumerate(readers)]
+    return [
+        {
+            **reader.stats.as_dict(),
+            "weight": reader.source.weight,
+            "target_share": reader.source.weight / total_weight,
+            "natural_share": train_tokens[i] / max(sum(train_tokens), 1),
+            "train_tokens": train_tokens[i],
+            "val_tokens": sum(s["tokens"] for s in splits["val"]["shards"] if s["source"] == i),
+        }
+        for i, reader in enumerate(readers)
+    ]
 
 
 def shard_fingerprint(config: Config, tokenizer_fp: str, corpus_fp: str) -> str:
@@ -248,7 +333,11 @@ def shard_stage(config: Config, tokenizer: StageResult | None = None) -> StageRe
     tokenizer = tokenizer or tokenizer_stage(config)
     corpus_fp = tokenizer.manifest["inputs"]["corpus"]  # the corpus identity, computed once per run
     return build_stage(
-        config.run.workdir, "shard", shard_fingerprint(config, tokenizer.fingerprint, corpus_fp),
-        code_version=CODE_VERSION, inputs={"tokenizer": tokenizer.fingerprint, "corpus": corpus_fp},
+        config.run.workdir,
+        "shard",
+        shard_fingerprint(config, tokenizer.fingerprint, corpus_fp),
+        code_version=CODE_VERSION,
+        inputs={"tokenizer": tokenizer.fingerprint, "corpus": corpus_fp},
         build_fn=lambda directory: write_shards(config, tokenizer.path, tokenizer.fingerprint, directory),
-        verify=lambda directory: verify_shards(directory, config.data.verify_checksums))
+        verify=lambda directory: verify_shards(directory, config.data.verify_checksums),
+    )

@@ -8,6 +8,7 @@ the running interpreter's standard library sources, one document per file, in so
 Invalid UTF-8 in text and JSONL files is replaced by U+FFFD; a codec error handler counts the
 replaced bytes so the shard stage can report them and record them in index.json.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -17,9 +18,9 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import fsspec
 
@@ -108,15 +109,16 @@ def resolve_files(position: int, source: SourceConfig) -> list[str]:
     files = sorted(f for f in glob.glob(os.path.expanduser(source.path), recursive=True) if os.path.isfile(f))
     if not files:
         what = "matches no files" if glob.has_magic(source.path) else "does not exist or is not a file"
-        raise DataError(f"{source_label(position, source)}: the path {what} (relative paths start at "
-                        f"{os.getcwd()}); fix data.sources[{position}].path")
+        raise DataError(
+            f"{source_label(position, source)}: the path {what} (relative paths start at "
+            f"{os.getcwd()}); fix data.sources[{position}].path"
+        )
     return [os.path.abspath(f) for f in files]
 
 
 def stdlib_files(position: int, source: SourceConfig) -> list[str]:
     if source.path != BUILTIN_STDLIB:
-        raise DataError(f"{source_label(position, source)}: unknown builtin corpus; the only one is "
-                        f"`{BUILTIN_STDLIB}`")
+        raise DataError(f"{source_label(position, source)}: unknown builtin corpus; the only one is `{BUILTIN_STDLIB}`")
     root = sysconfig.get_paths()["stdlib"]
     files = []
     for directory, subdirs, names in os.walk(root):
@@ -128,8 +130,10 @@ def stdlib_files(position: int, source: SourceConfig) -> list[str]:
 def _saved_dataset_files(position: int, source: SourceConfig) -> list[str]:
     root = Path(source.path)
     if not root.is_dir():
-        raise DataError(f"{source_label(position, source)}: not a directory saved by "
-                        f"`datasets.save_to_disk`; fix data.sources[{position}].path")
+        raise DataError(
+            f"{source_label(position, source)}: not a directory saved by "
+            f"`datasets.save_to_disk`; fix data.sources[{position}].path"
+        )
     return sorted(str(p) for p in root.rglob("*") if p.is_file())
 
 
@@ -189,8 +193,10 @@ class SourceReader:
         rows = self._rows()
         columns = getattr(rows, "column_names", None)
         if columns is not None and self.source.text_field not in columns:
-            raise DataError(f"{self.label}: no column `{self.source.text_field}` (columns: "
-                            f"{', '.join(columns)}); set data.sources[{self.position}].text_field")
+            raise DataError(
+                f"{self.label}: no column `{self.source.text_field}` (columns: "
+                f"{', '.join(columns)}); set data.sources[{self.position}].text_field"
+            )
         return (row.get(self.source.text_field) for row in rows)
 
     def _rows(self):
@@ -198,13 +204,25 @@ class SourceReader:
 
         if self.format in ("text", "builtin"):
             unit = "file" if self.format == "builtin" else self.source.text_unit
-            return datasets.load_dataset("text", data_files=self.files, sample_by=TEXT_UNIT_SAMPLE_BY[unit],
-                                         encoding_errors=REPLACE_AND_COUNT, streaming=True, split="train")
+            return datasets.load_dataset(
+                "text",
+                data_files=self.files,
+                sample_by=TEXT_UNIT_SAMPLE_BY[unit],
+                encoding_errors=REPLACE_AND_COUNT,
+                streaming=True,
+                split="train",
+            )
         if self.format == "jsonl":
             # The json builder only decodes (with our error handler) when the encoding is not plain
             # "utf-8"; utf-8-sig decodes the same bytes and also drops a leading byte-order mark.
-            return datasets.load_dataset("json", data_files=self.files, encoding="utf-8-sig",
-                                         encoding_errors=REPLACE_AND_COUNT, streaming=True, split="train")
+            return datasets.load_dataset(
+                "json",
+                data_files=self.files,
+                encoding="utf-8-sig",
+                encoding_errors=REPLACE_AND_COUNT,
+                streaming=True,
+                split="train",
+            )
         if self.format == "parquet":
             return datasets.load_dataset("parquet", data_files=self.files, streaming=True, split="train")
         if self.format == "saved":
@@ -216,26 +234,37 @@ class SourceReader:
         try:
             saved = datasets.load_from_disk(self.source.path)
         except FileNotFoundError as exc:
-            raise DataError(f"{self.label}: not a directory saved by `datasets.save_to_disk` ({exc}); "
-                            f"fix data.sources[{self.position}].path") from None
+            raise DataError(
+                f"{self.label}: not a directory saved by `datasets.save_to_disk` ({exc}); "
+                f"fix data.sources[{self.position}].path"
+            ) from None
         if isinstance(saved, datasets.DatasetDict):
             if self.source.split not in saved:
-                raise DataError(f"{self.label}: no split `{self.source.split}` (splits: {', '.join(saved)}); "
-                                f"set data.sources[{self.position}].split")
+                raise DataError(
+                    f"{self.label}: no split `{self.source.split}` (splits: {', '.join(saved)}); "
+                    f"set data.sources[{self.position}].split"
+                )
             saved = saved[self.source.split]
         return saved
 
     def _finish(self) -> None:
         if self.stats.missing_text:
-            raise DataError(f"{self.label}: {self.stats.missing_text} rows lack the text field "
-                            f"`{self.source.text_field}` (first: {self._first_missing_place()}); set "
-                            f"data.sources[{self.position}].text_field to the field holding the text")
+            raise DataError(
+                f"{self.label}: {self.stats.missing_text} rows lack the text field "
+                f"`{self.source.text_field}` (first: {self._first_missing_place()}); set "
+                f"data.sources[{self.position}].text_field to the field holding the text"
+            )
         if self.stats.documents == 0:
-            raise DataError(f"{self.label}: yields no documents (all {len(self.files) or 'its'} files empty or "
-                            "blank); point data.sources at text or remove the source")
+            raise DataError(
+                f"{self.label}: yields no documents (all {len(self.files) or 'its'} files empty or "
+                "blank); point data.sources at text or remove the source"
+            )
         if self.stats.invalid_utf8_bytes:
-            print(f"warning: {self.label}: replaced {self.stats.invalid_utf8_bytes} invalid UTF-8 bytes "
-                  "with U+FFFD", file=sys.stderr, flush=True)
+            print(
+                f"warning: {self.label}: replaced {self.stats.invalid_utf8_bytes} invalid UTF-8 bytes with U+FFFD",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _first_missing_place(self) -> str:
         if self.format != "jsonl":

@@ -8,12 +8,13 @@ The output directory holds `tokenizer.json` plus `tokenizer_config.json` and
 Round trip: byte-level BPE maps every UTF-8 string to byte tokens, so decode(encode(t)) == t for
 any text (with tokenizer.nfc, for any NFC-normalized text).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm import tqdm
@@ -33,14 +34,20 @@ SEPARATOR = {"gpt": "<|endoftext|>", "bert": "[SEP]"}
 # What transformers calls each special token, per family (GPT-2's convention: one token for all).
 TRANSFORMERS_ROLES = {
     "gpt": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
-    "bert": {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
-             "unk_token": "[UNK]"},
+    "bert": {
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "mask_token": "[MASK]",
+        "unk_token": "[UNK]",
+    },
 }
 
 
 @dataclass(frozen=True)
 class SpecialTokenIds:
     """The ids the loader and the model need; None where the family has no such token."""
+
     separator: int
     all: tuple[int, ...]
     pad: int | None
@@ -57,13 +64,18 @@ def new_tokenizer(nfc: bool) -> Tokenizer:
     return tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], *, family: str, vocab_size: int, min_frequency: int,
-                    nfc: bool = False) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], *, family: str, vocab_size: int, min_frequency: int, nfc: bool = False
+) -> Tokenizer:
     """Train a byte-level BPE on texts; the family's special tokens take ids 0..k-1."""
     tokenizer = new_tokenizer(nfc)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=FAMILY_SPECIAL_TOKENS[family],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=FAMILY_SPECIAL_TOKENS[family],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
@@ -76,9 +88,10 @@ def save_tokenizer(tokenizer: Tokenizer, family: str, directory: str | Path) -> 
     roles = TRANSFORMERS_ROLES[family]
     # PreTrainedTokenizerFast (not a version-specific backend name) loads in transformers 4.x and 5.x;
     # no clean-up of spaces, or transformers' decode would break the round trip.
-    atomic_write_json(directory / "tokenizer_config.json",
-                      {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                       **roles})
+    atomic_write_json(
+        directory / "tokenizer_config.json",
+        {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **roles},
+    )
     atomic_write_json(directory / "special_tokens_map.json", roles)
 
 
@@ -97,10 +110,17 @@ def special_token_ids(tokenizer: Tokenizer | str | Path, family: str) -> Special
     ids = {token: tokenizer.token_to_id(token) for token in FAMILY_SPECIAL_TOKENS[family]}
     missing = [token for token, token_id in ids.items() if token_id is None]
     if missing:
-        raise DataError(f"the tokenizer lacks the {family} special tokens {missing}: it was trained for "
-                        "another model.family; rebuild it with `pretrain tokenizer CONFIG`")
-    return SpecialTokenIds(separator=ids[SEPARATOR[family]], all=tuple(sorted(ids.values())),
-                           pad=ids.get("[PAD]"), mask=ids.get("[MASK]"), cls=ids.get("[CLS]"))
+        raise DataError(
+            f"the tokenizer lacks the {family} special tokens {missing}: it was trained for "
+            "another model.family; rebuild it with `pretrain tokenizer CONFIG`"
+        )
+    return SpecialTokenIds(
+        separator=ids[SEPARATOR[family]],
+        all=tuple(sorted(ids.values())),
+        pad=ids.get("[PAD]"),
+        mask=ids.get("[MASK]"),
+        cls=ids.get("[CLS]"),
+    )
 
 
 def bert_masking_ids(tokenizer: Tokenizer | str | Path) -> dict:
@@ -129,8 +149,9 @@ def sample_corpus(data: DataConfig, sample_bytes: int) -> Iterator[str]:
 def tokenizer_fingerprint(config: Config, corpus: list[dict]) -> str:
     """Everything the trained tokenizer depends on; `corpus` is sources.corpus_identity(config.data)."""
     data = config.data
-    return fingerprint("tokenizer", CODE_VERSION, config.tokenizer, config.model.family, corpus,
-                       data.max_documents, data.val_permille)
+    return fingerprint(
+        "tokenizer", CODE_VERSION, config.tokenizer, config.model.family, corpus, data.max_documents, data.val_permille
+    )
 
 
 def tokenizer_stage(config: Config) -> StageResult:
@@ -149,17 +170,33 @@ def tokenizer_stage(config: Config) -> StageResult:
                 yield text
 
         settings = config.tokenizer
-        tokenizer = train_tokenizer(counted(sample_corpus(config.data, settings.sample_bytes)),
-                                    family=config.model.family, vocab_size=settings.vocab_size,
-                                    min_frequency=settings.min_frequency, nfc=settings.nfc)
+        tokenizer = train_tokenizer(
+            counted(sample_corpus(config.data, settings.sample_bytes)),
+            family=config.model.family,
+            vocab_size=settings.vocab_size,
+            min_frequency=settings.min_frequency,
+            nfc=settings.nfc,
+        )
         if sampled["documents"] == 0:
-            raise DataError("the tokenizer sample is empty: no training-split document fits "
-                            f"tokenizer.sample_bytes={settings.sample_bytes}; raise it or add documents")
+            raise DataError(
+                "the tokenizer sample is empty: no training-split document fits "
+                f"tokenizer.sample_bytes={settings.sample_bytes}; raise it or add documents"
+            )
         save_tokenizer(tokenizer, config.model.family, directory)
         seconds = time.perf_counter() - started
-        return {"vocab_size": tokenizer.get_vocab_size(), "sample_documents": sampled["documents"],
-                "sample_bytes": sampled["bytes"], "seconds": round(seconds, 3),
-                "mb_per_s": round(sampled["bytes"] / 1e6 / seconds, 3)}
+        return {
+            "vocab_size": tokenizer.get_vocab_size(),
+            "sample_documents": sampled["documents"],
+            "sample_bytes": sampled["bytes"],
+            "seconds": round(seconds, 3),
+            "mb_per_s": round(sampled["bytes"] / 1e6 / seconds, 3),
+        }
 
-    return build_stage(config.run.workdir, "tokenizer", tokenizer_fp, code_version=CODE_VERSION,
-                       inputs={"corpus": fingerprint(corpus)}, build_fn=build)
+    return build_stage(
+        config.run.workdir,
+        "tokenizer",
+        tokenizer_fp,
+        code_version=CODE_VERSION,
+        inputs={"corpus": fingerprint(corpus)},
+        build_fn=build,
+    )

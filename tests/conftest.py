@@ -1,4 +1,5 @@
 """Fixtures shared by the whole suite: real, tiny token shards built by the tokenizer and shard stages."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # documents, several shards per split (so loader windows cross shard boundaries). One worker:
 # no Ray start-up, so building one fixture takes seconds.
 TINY_DATA_OVERRIDES = [
-    "data.max_documents=120", "data.val_permille=100", "data.shard_tokens=65536", "data.num_workers=1",
-    "tokenizer.vocab_size=512", "tokenizer.sample_bytes=1000000",
+    "data.max_documents=120",
+    "data.val_permille=100",
+    "data.shard_tokens=65536",
+    "data.num_workers=1",
+    "tokenizer.vocab_size=512",
+    "tokenizer.sample_bytes=1000000",
 ]
 
 

@@ -1,4 +1,5 @@
 """The `pretrain submit` and `pretrain status` subcommands."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,20 +14,31 @@ from pipeline.errors import SlurmError
 def add_slurm_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `submit` and `status` on the `pretrain` command's subparsers."""
     submit_parser = subparsers.add_parser(
-        "submit", help="run the pipeline as a Slurm job (Ray inside the allocation, requeue on preemption)",
+        "submit",
+        help="run the pipeline as a Slurm job (Ray inside the allocation, requeue on preemption)",
         description="Validate CONFIG for the allocation, write the rendered slurm/pretrain.sbatch into the run "
-        f"directory and sbatch it. Site defaults: --site FILE or ${SITE_ENV} (a YAML of Slurm settings).")
+        f"directory and sbatch it. Site defaults: --site FILE or ${SITE_ENV} (a YAML of Slurm settings).",
+    )
     submit_parser.add_argument("config", nargs="?", help="experiment YAML (omit with --resume)")
     submit_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dot-path config overrides")
-    submit_parser.add_argument("--resume", metavar="RUN_DIR", help="resubmit an unfinished run (its saved "
-                               "config and Slurm settings; flags override the settings)")
-    submit_parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                               help="one run per combination of all --sweep values, as one job array")
+    submit_parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="resubmit an unfinished run (its saved config and Slurm settings; flags override the settings)",
+    )
+    submit_parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one run per combination of all --sweep values, as one job array",
+    )
     submit_parser.add_argument("--site", help=f"YAML of site Slurm settings (default: ${SITE_ENV})")
     submit_parser.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     for field, kind in FLAG_FIELDS.items():
-        submit_parser.add_argument(f"--{field.replace('_', '-')}", dest=field, type=kind,
-                                   help=SlurmSettings.model_fields[field].description)
+        submit_parser.add_argument(
+            f"--{field.replace('_', '-')}", dest=field, type=kind, help=SlurmSettings.model_fields[field].description
+        )
     submit_parser.set_defaults(func=cmd_submit)
     status_parser = subparsers.add_parser("status", help="a run's checkpoint, Slurm job state and MLflow run")
     status_parser.add_argument("run_dir", help="the run directory (<workdir>/runs/<name>)")
@@ -60,11 +72,17 @@ def submitted_lines(job_id: str, submission: Submission) -> list[str]:
     experiment = tasks[0].config.tracking.experiment
     if submission.array is None:
         log = str(submission.output).replace("%j", job_id)
-        return [f"submitted job {job_id}: run {tasks[0].name} (MLflow experiment {experiment})",
-                f"  run dir  {tasks[0].run_dir}", f"  script   {submission.script_path}", f"  log      {log}",
-                f"follow it: tail -f {log}  |  squeue -j {job_id}  |  pretrain status {tasks[0].run_dir}"]
-    lines = [f"submitted array job {job_id}: {len(tasks)} runs in MLflow experiment {experiment}",
-             f"  script   {submission.script_path}"]
+        return [
+            f"submitted job {job_id}: run {tasks[0].name} (MLflow experiment {experiment})",
+            f"  run dir  {tasks[0].run_dir}",
+            f"  script   {submission.script_path}",
+            f"  log      {log}",
+            f"follow it: tail -f {log}  |  squeue -j {job_id}  |  pretrain status {tasks[0].run_dir}",
+        ]
+    lines = [
+        f"submitted array job {job_id}: {len(tasks)} runs in MLflow experiment {experiment}",
+        f"  script   {submission.script_path}",
+    ]
     lines += [f"  {job_id}_{index}  {task.name}  {task.run_dir}" for index, task in enumerate(tasks)]
     logs = str(submission.output).replace("%A", job_id).replace("%a", "*")
     return lines + [f"follow it: tail -f {logs}  |  squeue -j {job_id}  |  pretrain status RUN_DIR"]

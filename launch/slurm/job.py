@@ -1,10 +1,11 @@
 """Helpers the rendered job script runs inside the job: `python -m launch.slurm HELPER ...`.
 
-    wait-ray           wait until every node joined the job's Ray cluster, or fail naming why
-    ray-summary        write the Ray nodes and the nodes the training workers ran on, as JSON
-    latest-checkpoint  print the tag of the run's latest complete checkpoint (empty without one)
-    wait-checkpoint    wait until the latest checkpoint moves past a tag, or the pipeline exits
+wait-ray           wait until every node joined the job's Ray cluster, or fail naming why
+ray-summary        write the Ray nodes and the nodes the training workers ran on, as JSON
+latest-checkpoint  print the tag of the run's latest complete checkpoint (empty without one)
+wait-checkpoint    wait until the latest checkpoint moves past a tag, or the pipeline exits
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,14 +35,21 @@ def wait_for_ray_nodes(expected: int, timeout_s: float, watch_pids: list[int]) -
         exited = [pid for pid in watch_pids if not _pid_running(pid)]
         waited = time.monotonic() - started
         if watcher.is_alive() and (exited or waited > timeout_s):
-            why = (f"the srun of a Ray node (pid {exited[0]}) exited; see its output above" if exited
-                   else f"not within {timeout_s:.0f} s")
-            raise SlurmError(f"only {progress['alive']} of {expected} nodes joined the Ray cluster at "
-                             f"{os.environ.get('RAY_ADDRESS', 'auto')}: {why}")
+            why = (
+                f"the srun of a Ray node (pid {exited[0]}) exited; see its output above"
+                if exited
+                else f"not within {timeout_s:.0f} s"
+            )
+            raise SlurmError(
+                f"only {progress['alive']} of {expected} nodes joined the Ray cluster at "
+                f"{os.environ.get('RAY_ADDRESS', 'auto')}: {why}"
+            )
     if "error" in progress:
         raise SlurmError(f"attaching to the Ray cluster failed: {progress['error']}")
-    return (f"Ray cluster ready at {os.environ.get('RAY_ADDRESS', 'auto')}: {progress['alive']} nodes, "
-            f"{progress['cpus']:g} CPUs, {progress['gpus']:g} GPUs after {time.monotonic() - started:.1f} s")
+    return (
+        f"Ray cluster ready at {os.environ.get('RAY_ADDRESS', 'auto')}: {progress['alive']} nodes, "
+        f"{progress['cpus']:g} CPUs, {progress['gpus']:g} GPUs after {time.monotonic() - started:.1f} s"
+    )
 
 
 def _count_ray_nodes(expected: int, progress: dict[str, Any]) -> None:
@@ -78,10 +86,21 @@ def ray_summary() -> dict[str, Any]:
 
     ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
     try:
-        nodes = [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "alive": n["Alive"],
-                  "cpus": n["Resources"].get("CPU", 0), "gpus": n["Resources"].get("GPU", 0)} for n in ray.nodes()]
-        workers = [{"node_id": a["Address"]["NodeID"], "pid": a["Pid"], "state": a["State"]}
-                   for a in actors().values() if a["ActorClassName"] == "RayTrainWorker"]
+        nodes = [
+            {
+                "node_id": n["NodeID"],
+                "ip": n["NodeManagerAddress"],
+                "alive": n["Alive"],
+                "cpus": n["Resources"].get("CPU", 0),
+                "gpus": n["Resources"].get("GPU", 0),
+            }
+            for n in ray.nodes()
+        ]
+        workers = [
+            {"node_id": a["Address"]["NodeID"], "pid": a["Pid"], "state": a["State"]}
+            for a in actors().values()
+            if a["ActorClassName"] == "RayTrainWorker"
+        ]
     finally:
         ray.shutdown()
     return {"job_id": os.environ.get("SLURM_JOB_ID"), "nodes": nodes, "train_workers": workers}
@@ -106,8 +125,9 @@ def latest_checkpoint(run_dir: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.slurm", description="Helpers of the rendered "
-                                     "sbatch script, run inside the job.")
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.slurm", description="Helpers of the rendered sbatch script, run inside the job."
+    )
     helpers = parser.add_subparsers(dest="helper", required=True)
     wait = helpers.add_parser("wait-ray", help="wait until every node joined the job's Ray cluster")
     wait.add_argument("--nodes", type=int, required=True)
@@ -117,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     summary.add_argument("--out", required=True)
     latest = helpers.add_parser("latest-checkpoint", help="print the run's latest complete checkpoint tag")
     latest.add_argument("run_dir", type=Path)
-    written = helpers.add_parser("wait-checkpoint", help="wait for a checkpoint newer than --after; prints "
-                                 "written, exited (the pipeline ended) or timeout")
+    written = helpers.add_parser(
+        "wait-checkpoint",
+        help="wait for a checkpoint newer than --after; prints written, exited (the pipeline ended) or timeout",
+    )
     written.add_argument("run_dir", type=Path)
     written.add_argument("--after", default="")
     written.add_argument("--timeout", type=float, required=True)

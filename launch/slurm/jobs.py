@@ -1,4 +1,5 @@
 """Submitting with sbatch, the run's job record, resubmitting an unfinished run, and `pretrain status`."""
+
 from __future__ import annotations
 
 import datetime
@@ -32,13 +33,25 @@ from pipeline.tracking.journal import last_metric, mlflow_run_id
 from pipeline.tracking.names import METRIC_TRAIN_LOSS
 
 # Job states in which a run already has a job that will (re)start or is running.
-ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
-                 "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "STAGE_OUT",
+    "SIGNALING",
+}
 
 
 @dataclass(frozen=True)
 class Submission:
     """What one `sbatch` call submits: the runs, where the script and logs go, the array spec."""
+
     tasks: list[RunTask]
     script_path: Path
     output: Path
@@ -65,9 +78,10 @@ def submit(submission: Submission, settings: SlurmSettings, script: str) -> str:
         atomic_write_text(slurm_dir / "settings.yaml", yaml.safe_dump(settings.model_dump(), sort_keys=False))
     atomic_write_text(submission.script_path, script)
     if submission.array is not None:
-        atomic_write_json(submission.script_path.parent / "tasks.json",
-                          [{"run": t.name, "run_dir": t.run_dir, "overrides": list(t.combination)}
-                           for t in submission.tasks])
+        atomic_write_json(
+            submission.script_path.parent / "tasks.json",
+            [{"run": t.name, "run_dir": t.run_dir, "overrides": list(t.combination)} for t in submission.tasks],
+        )
     job_id = sbatch(submission.script_path)
     for index, task in enumerate(submission.tasks):
         record_job(task.run_dir, job_id, index if submission.array is not None else None, submission)
@@ -86,9 +100,16 @@ def sbatch(script_path: Path) -> str:
 def record_job(run_dir: Path, job_id: str, array_task: int | None, submission: Submission) -> None:
     slurm_id = job_id if array_task is None else f"{job_id}_{array_task}"
     log = str(submission.output).replace("%A", job_id).replace("%a", str(array_task)).replace("%j", job_id)
-    jobs = read_jobs(run_dir) + [{
-        "job_id": job_id, "array_task": array_task, "slurm_id": slurm_id, "script": str(submission.script_path),
-        "log": log, "submitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}]
+    jobs = read_jobs(run_dir) + [
+        {
+            "job_id": job_id,
+            "array_task": array_task,
+            "slurm_id": slurm_id,
+            "script": str(submission.script_path),
+            "log": log,
+            "submitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+    ]
     atomic_write_json(run_dir / SLURM_DIR / JOBS_FILE, jobs)
 
 
@@ -102,8 +123,10 @@ def refuse_if_active(run_dir: Path) -> None:
     jobs = read_jobs(run_dir)
     state = job_state(jobs[-1]["slurm_id"]) if jobs else None
     if state and state.get("JobState") in ACTIVE_STATES:
-        raise SlurmError(f"{run_dir} already has job {jobs[-1]['slurm_id']} ({state['JobState']}); wait for it, "
-                         f"or `scancel {jobs[-1]['slurm_id']}` first")
+        raise SlurmError(
+            f"{run_dir} already has job {jobs[-1]['slurm_id']} ({state['JobState']}); wait for it, "
+            f"or `scancel {jobs[-1]['slurm_id']}` first"
+        )
 
 
 def job_state(slurm_id: str) -> dict[str, str] | None:
@@ -151,14 +174,20 @@ def status_lines(run_dir: Path) -> list[str]:
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise SlurmError(f"{run_dir}: no such run directory")
-    return [f"run        {run_dir.name}  ({run_dir})", _stages_line(run_dir), *_training_lines(run_dir),
-            *_slurm_lines(run_dir), *_mlflow_lines(run_dir)]
+    return [
+        f"run        {run_dir.name}  ({run_dir})",
+        _stages_line(run_dir),
+        *_training_lines(run_dir),
+        *_slurm_lines(run_dir),
+        *_mlflow_lines(run_dir),
+    ]
 
 
 def _stages_line(run_dir: Path) -> str:
     stages = RunState.load(run_dir).stages
-    shown = [f"{name} {entry.get('status')}{' (reused)' if entry.get('reused') else ''}"
-             for name, entry in stages.items()]
+    shown = [
+        f"{name} {entry.get('status')}{' (reused)' if entry.get('reused') else ''}" for name, entry in stages.items()
+    ]
     return f"stages     {', '.join(shown) if shown else 'none started'}"
 
 
@@ -186,9 +215,11 @@ def _slurm_lines(run_dir: Path) -> list[str]:
         described = "no longer known to scontrol (finished more than MinJobAge ago; try sacct)"
     else:
         reason = state.get("Reason", "None")
-        described = (f"{state.get('JobState')}{'' if reason in ('None', '(null)') else f' ({reason})'}, "
-                     f"restarts {state.get('Restarts', '0')}, run time {state.get('RunTime')}, "
-                     f"nodes {state.get('NodeList')}")
+        described = (
+            f"{state.get('JobState')}{'' if reason in ('None', '(null)') else f' ({reason})'}, "
+            f"restarts {state.get('Restarts', '0')}, run time {state.get('RunTime')}, "
+            f"nodes {state.get('NodeList')}"
+        )
     earlier = f"; {len(jobs) - 1} earlier job(s)" if len(jobs) > 1 else ""
     return [f"slurm      job {job['slurm_id']}: {described}{earlier}", f"log        {job['log']}"]
 

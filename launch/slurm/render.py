@@ -1,4 +1,5 @@
 """The runs of a submission (one per sweep combination) and the job script rendered for them."""
+
 from __future__ import annotations
 
 import itertools
@@ -25,6 +26,7 @@ def template_text() -> str:
 @dataclass(frozen=True)
 class RunTask:
     """One run of a submission (one array task of a sweep)."""
+
     name: str
     run_dir: Path
     config: Config
@@ -35,14 +37,15 @@ class RunTask:
 def cluster_overrides(settings: SlurmSettings) -> list[str]:
     """The `cluster` section of a run inside the allocation: attach to its Ray, one worker per GPU (or
     cpu_workers_per_node), each with its share of the node's CPUs."""
-    return ["cluster.address=auto",
-            f"cluster.num_workers={settings.nodes * settings.workers_per_node}",
-            f"cluster.use_gpu={'true' if settings.gpus_per_node else 'false'}",
-            f"cluster.cpus_per_worker={settings.cpus_per_worker}"]
+    return [
+        "cluster.address=auto",
+        f"cluster.num_workers={settings.nodes * settings.workers_per_node}",
+        f"cluster.use_gpu={'true' if settings.gpus_per_node else 'false'}",
+        f"cluster.cpus_per_worker={settings.cpus_per_worker}",
+    ]
 
 
-def prepare_runs(config_path: str, overrides: list[str], sweeps: list[str],
-                 settings: SlurmSettings) -> list[RunTask]:
+def prepare_runs(config_path: str, overrides: list[str], sweeps: list[str], settings: SlurmSettings) -> list[RunTask]:
     """Validate the config once per sweep combination, with the allocation's cluster settings and an
     absolute workdir (the job's working directory may differ); a bad combination fails the submission."""
     base = load_config(config_path, overrides)
@@ -57,8 +60,10 @@ def prepare_runs(config_path: str, overrides: list[str], sweeps: list[str],
             raise SlurmError(f"{' '.join(combination) or 'config'} as submitted: {exc}") from None
         tasks.append(RunTask(name, run_dir_of(config), config, tuple(combination), base.run.name))
     if len({task.name for task in tasks}) != len(tasks):
-        raise SlurmError("two sweep combinations give the same run name (run names use the last part of each "
-                         "key): sweep keys whose last parts differ")
+        raise SlurmError(
+            "two sweep combinations give the same run name (run names use the last part of each "
+            "key): sweep keys whose last parts differ"
+        )
     return tasks
 
 
@@ -96,8 +101,10 @@ def sweep_combinations(sweeps: list[str]) -> list[list[str]]:
     keys = [key for key, _ in parsed]
     if len(set(keys)) != len(keys):
         raise SlurmError(f"--sweep names a key twice: {', '.join(keys)}")
-    return [[f"{key}={value}" for key, value in zip(keys, combo)]
-            for combo in itertools.product(*(values for _, values in parsed))]
+    return [
+        [f"{key}={value}" for key, value in zip(keys, combo)]
+        for combo in itertools.product(*(values for _, values in parsed))
+    ]
 
 
 def combination_name(base: str, combination: list[str]) -> str:
@@ -116,8 +123,10 @@ def render_template(template: str, values: dict[str, Any]) -> str:
     `#SBATCH` option (the site does not use it) or holds nothing else (an empty block)."""
     names = set(_PLACEHOLDER.findall(template))
     if names != values.keys():
-        raise SlurmError(f"template {TEMPLATE}: placeholders without a value {sorted(names - values.keys())}, "
-                         f"values without a placeholder {sorted(values.keys() - names)}")
+        raise SlurmError(
+            f"template {TEMPLATE}: placeholders without a value {sorted(names - values.keys())}, "
+            f"values without a placeholder {sorted(values.keys() - names)}"
+        )
     lines = []
     for line in template.splitlines():
         found = _PLACEHOLDER.findall(line)
@@ -143,22 +152,37 @@ def job_environment(settings: SlurmSettings) -> dict[str, str]:
     return {**computed, **{key: value for key, value in settings.env.items() if value is not None}}
 
 
-def script_values(settings: SlurmSettings, tasks: list[RunTask], *, output: Path, array: str | None,
-                  job_name: str, chdir: Path) -> dict[str, Any]:
+def script_values(
+    settings: SlurmSettings, tasks: list[RunTask], *, output: Path, array: str | None, job_name: str, chdir: Path
+) -> dict[str, Any]:
     s = settings
     return {
-        "job_name": job_name, "nodes": s.nodes, "cpus_per_task": s.cpus_per_task,
-        "gpus_per_node": s.gpus_per_node or None, "mem": s.mem, "time": s.time, "partition": s.partition,
-        "account": s.account, "qos": s.qos, "array": array, "output": output, "chdir": chdir,
-        "requeue": "--requeue" if s.requeue else "--no-requeue", "requeue_enabled": int(s.requeue),
-        "signal_seconds": s.signal_seconds or None, "checkpoint_wait_s": s.checkpoint_wait_s,
-        "max_requeues": s.max_requeues, "extra_sbatch": "\n".join(f"#SBATCH {option}" for option in s.extra_sbatch),
+        "job_name": job_name,
+        "nodes": s.nodes,
+        "cpus_per_task": s.cpus_per_task,
+        "gpus_per_node": s.gpus_per_node or None,
+        "mem": s.mem,
+        "time": s.time,
+        "partition": s.partition,
+        "account": s.account,
+        "qos": s.qos,
+        "array": array,
+        "output": output,
+        "chdir": chdir,
+        "requeue": "--requeue" if s.requeue else "--no-requeue",
+        "requeue_enabled": int(s.requeue),
+        "signal_seconds": s.signal_seconds or None,
+        "checkpoint_wait_s": s.checkpoint_wait_s,
+        "max_requeues": s.max_requeues,
+        "extra_sbatch": "\n".join(f"#SBATCH {option}" for option in s.extra_sbatch),
         "modules": f"module load {' '.join(shlex.quote(m) for m in s.modules)}" if s.modules else "",
         "setup": "\n".join(s.setup),
         "env": "\n".join(f"export {key}={double_quoted(value)}" for key, value in job_environment(s).items()),
-        "python": shlex.quote(s.python), "run_dirs": " ".join(shlex.quote(str(t.run_dir)) for t in tasks),
+        "python": shlex.quote(s.python),
+        "run_dirs": " ".join(shlex.quote(str(t.run_dir)) for t in tasks),
         "ray_port": s.ray_port or "$((20000 + 100 * (SLURM_JOB_ID % 120)))",
-        "ray_tmpdir": double_quoted(s.ray_tmpdir), "ray_start_timeout_s": s.ray_start_timeout_s,
+        "ray_tmpdir": double_quoted(s.ray_tmpdir),
+        "ray_start_timeout_s": s.ray_start_timeout_s,
         "ray_start_args": " ".join(shlex.quote(arg) for arg in _ray_node_args(s)),
     }
 
@@ -168,8 +192,9 @@ def _ray_node_args(settings: SlurmSettings) -> list[str]:
     return [*sized, *settings.ray_start_args]
 
 
-def render_script(settings: SlurmSettings, tasks: list[RunTask], *, output: Path, array: str | None,
-                  chdir: Path) -> str:
+def render_script(
+    settings: SlurmSettings, tasks: list[RunTask], *, output: Path, array: str | None, chdir: Path
+) -> str:
     job_name = settings.job_name or f"pretrain-{tasks[0].name if array is None else sweep_base(tasks)}"
     values = script_values(settings, tasks, output=output, array=array, job_name=job_name, chdir=chdir)
     return render_template(template_text(), values)

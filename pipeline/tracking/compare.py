@@ -1,4 +1,5 @@
 """`pretrain compare`: one row per run of an experiment, from MLflow, as a table or the UI's compare page."""
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,27 @@ from pipeline.tracking.names import (
     tracking_uri,
 )
 
-COMPARE_COLUMNS = ("name", "family", "params", "tokens", "train_loss", "val_loss", "bits_per_byte",
-                   "tokens_per_s", "status")
-_COLUMN_METRICS = {"tokens": METRIC_TOKENS_SEEN, "train_loss": METRIC_TRAIN_LOSS,
-                   "val_loss": METRIC_VAL_LOSS, "bits_per_byte": METRIC_BITS_PER_BYTE,
-                   "tokens_per_s": METRIC_TOKENS_PER_S}
+COMPARE_COLUMNS = (
+    "name",
+    "family",
+    "params",
+    "tokens",
+    "train_loss",
+    "val_loss",
+    "bits_per_byte",
+    "tokens_per_s",
+    "status",
+)
+_COLUMN_METRICS = {
+    "tokens": METRIC_TOKENS_SEEN,
+    "train_loss": METRIC_TRAIN_LOSS,
+    "val_loss": METRIC_VAL_LOSS,
+    "bits_per_byte": METRIC_BITS_PER_BYTE,
+    "tokens_per_s": METRIC_TOKENS_PER_S,
+}
 
 
-def compare_runs(config_or_uri: Config | str, experiment: str | None = None,
-                 sort_by: str = "val_loss") -> list[dict]:
+def compare_runs(config_or_uri: Config | str, experiment: str | None = None, sort_by: str = "val_loss") -> list[dict]:
     """One row per run of the experiment (COMPARE_COLUMNS plus run_id and experiment_id), sorted by a
     column; `-column` sorts descending; missing values always come last."""
     is_config = isinstance(config_or_uri, Config)
@@ -34,8 +47,7 @@ def compare_runs(config_or_uri: Config | str, experiment: str | None = None,
     experiment = experiment or settings.experiment
     column = sort_by.removeprefix("-")
     if column not in COMPARE_COLUMNS:
-        raise ConfigError(f"--sort {sort_by!r}: use one of {', '.join(COMPARE_COLUMNS)} "
-                         "(prefix - to reverse)")
+        raise ConfigError(f"--sort {sort_by!r}: use one of {', '.join(COMPARE_COLUMNS)} (prefix - to reverse)")
     from pipeline.tracking.store import experiment_runs  # mlflow: only once the arguments are good
 
     runs = experiment_runs(uri, experiment, settings.request_timeout_s, settings.max_retries)
@@ -47,8 +59,11 @@ def compare_runs(config_or_uri: Config | str, experiment: str | None = None,
 
 def _compare_row(run: Any) -> dict:
     metrics, params = run.data.metrics, run.data.params
-    row = {"name": run.info.run_name, "family": params.get("model.family"),
-           "params": metrics.get(METRIC_MODEL_PARAMS, _number(params.get(METRIC_MODEL_PARAMS)))}
+    row = {
+        "name": run.info.run_name,
+        "family": params.get("model.family"),
+        "params": metrics.get(METRIC_MODEL_PARAMS, _number(params.get(METRIC_MODEL_PARAMS))),
+    }
     row |= {column: metrics.get(name) for column, name in _COLUMN_METRICS.items()}
     row |= {"status": run.info.status, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
     return {column: row[column] for column in (*COMPARE_COLUMNS, "run_id", "experiment_id")}
@@ -63,12 +78,16 @@ def _number(text: str | None) -> float | None:
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of compare rows, aligned; missing values show as '-'."""
-    cells = [list(COMPARE_COLUMNS)] + [[_format_cell(col, row.get(col)) for col in COMPARE_COLUMNS]
-                                      for row in rows]
+    cells = [list(COMPARE_COLUMNS)] + [[_format_cell(col, row.get(col)) for col in COMPARE_COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COMPARE_COLUMNS))]
     text_columns = {"name", "family", "status"}
-    lines = ["  ".join(cell.ljust(w) if col in text_columns else cell.rjust(w)
-                       for cell, w, col in zip(line, widths, COMPARE_COLUMNS)).rstrip() for line in cells]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if col in text_columns else cell.rjust(w)
+            for cell, w, col in zip(line, widths, COMPARE_COLUMNS)
+        ).rstrip()
+        for line in cells
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -96,5 +115,3 @@ def compare_url(base_url: str, experiment_id: str, run_ids: list[str]) -> str:
     runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
     experiments = quote(json.dumps([experiment_id], separators=(",", ":")))
     return f"{base_url.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
-
-

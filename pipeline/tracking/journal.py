@@ -7,14 +7,16 @@ rank-0 training worker can write them at once without losing each other's record
 `pipeline.tracking.store.MlflowTracker` sends them to MLflow and keeps a watermark (byte offset) of
 what MLflow has. No mlflow import here: training ranks only ever see a `Journal` or a `NullSink`.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from pipeline.rundir import METRICS_FILE, OPS_FILE, RUN_ID_FILE
 from pipeline.tracking.names import MAX_METRICS_PER_BATCH, safe_name
@@ -46,7 +48,7 @@ class Journal(NullSink):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
-        self._metrics_file = open(self.metrics_path, "ab")
+        self._metrics_file = open(self.metrics_path, "ab")  # noqa: SIM115 (kept open for the run; close())
         if self._metrics_file.tell() and not _ends_with_newline(self.metrics_path):
             self._metrics_file.write(b"\n")  # terminate a line torn by a crash so the next one parses
 
@@ -55,7 +57,7 @@ class Journal(NullSink):
         names = list(values)
         time_ms = int(time.time() * 1000)
         for start in range(0, len(names), MAX_METRICS_PER_BATCH):  # one record never exceeds one MLflow batch
-            chunk = {k: values[k] for k in names[start:start + MAX_METRICS_PER_BATCH]}
+            chunk = {k: values[k] for k in names[start : start + MAX_METRICS_PER_BATCH]}
             record = {"step": int(step), "time_ms": time_ms, "metrics": chunk}
             self._metrics_file.write(json.dumps(record).encode() + b"\n")
         self._metrics_file.flush()

@@ -2,14 +2,16 @@
 
 Imports nothing heavy: training ranks, the Slurm job helpers and the CLI use it.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import posixpath
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pipeline.config import Config, flatten
 
@@ -29,8 +31,11 @@ MAX_METRICS_PER_BATCH = 1000
 TRUNCATION_MARK = "...[truncated]"
 REDACTED = "<redacted>"
 
-_SECRET_KEY = re.compile(r"(^|[._/-])(password|passwd|secret|token|api_?key|access_?key|private_?key|"
-                         r"credentials?|auth)([._/-]|$)", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"(^|[._/-])(password|passwd|secret|token|api_?key|access_?key|private_?key|"
+    r"credentials?|auth)([._/-]|$)",
+    re.IGNORECASE,
+)
 _SECRET_VALUES = [
     re.compile(r"(?<=://)[^/@\s]+(?=@)"),  # user:password@ in URLs
     re.compile(r"\b(hf|gh[pousr]|github_pat|glpat|xox[abprs])[_-][A-Za-z0-9_-]{16,}"),
@@ -43,8 +48,10 @@ _INVALID_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Nested mappings and lists -> {"a.b.0.c": "value"} (the dot-path override syntax), as strings."""
-    return {key: json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-            for key, value in flatten(dict(params)).items()}
+    return {
+        key: json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        for key, value in flatten(dict(params)).items()
+    }
 
 
 def redact(key: str, value: str) -> str:
@@ -69,7 +76,7 @@ def safe_name(name: str) -> str:
         name = "_" + name.replace("/", "_")
     if len(name) > MAX_NAME_LENGTH:  # keep long names distinct with a hash of the full name
         digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        name = f"{name[:MAX_NAME_LENGTH - 9]}-{digest}"
+        name = f"{name[: MAX_NAME_LENGTH - 9]}-{digest}"
     return name
 
 

@@ -1,4 +1,5 @@
 """The loss-curve PNG attached to a run: matplotlib is imported here only, never on a training rank."""
+
 from __future__ import annotations
 
 import os

@@ -14,6 +14,7 @@ Durability: a tracking outage never stops training and loses nothing.
   (`pretrain sync RUN_DIR`) sends whatever is left. A resent batch carries its original timestamps,
   which MLflow deduplicates, so a batch whose reply was lost is never stored twice.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,10 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
@@ -79,8 +81,10 @@ def _read_offset(watermark: Path) -> int:
 @contextmanager
 def bounded_requests(timeout_s: float, max_retries: int) -> Iterator[None]:
     """MLflow's defaults block about 4 minutes per call on a dead server: bound the requests made inside."""
-    bounds = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s))),  # MLflow parses an int
-              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(min(max_retries, MLFLOW_MAX_RETRIES_LIMIT))}
+    bounds = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s))),  # MLflow parses an int
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(min(max_retries, MLFLOW_MAX_RETRIES_LIMIT)),
+    }
     with _REQUEST_ENV_LOCK:
         previous = {name: os.environ.get(name) for name in bounds}
         os.environ.update(bounds)
@@ -107,8 +111,7 @@ class TrackingTarget:
     @classmethod
     def from_config(cls, config: Config) -> TrackingTarget:
         t = config.tracking
-        return cls(tracking_uri(config), t.experiment, config.run.name or "default", t.request_timeout_s,
-                   t.max_retries)
+        return cls(tracking_uri(config), t.experiment, config.run.name or "default", t.request_timeout_s, t.max_retries)
 
     def save(self, run_dir: Path) -> None:
         atomic_write_text(run_dir / TARGET_FILE, json.dumps(dataclasses.asdict(self), indent=1) + "\n")
@@ -117,8 +120,10 @@ class TrackingTarget:
     def load(cls, run_dir: Path) -> TrackingTarget:
         path = run_dir / TARGET_FILE
         if not path.is_file():
-            raise TrackingError(f"{run_dir}: no {TARGET_FILE}; this run was not tracked with MLflow "
-                                "(tracking.enabled=false, or not started by `pretrain run`)")
+            raise TrackingError(
+                f"{run_dir}: no {TARGET_FILE}; this run was not tracked with MLflow "
+                "(tracking.enabled=false, or not started by `pretrain run`)"
+            )
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
 
@@ -190,9 +195,13 @@ class MlflowTracker(LocalRun):
         Journal.append_op(self, {"op": "status", "status": status})
         self._flush(force=True)
         if self._in_outage:
-            log.warning("MLflow tracking: %s still holds data MLflow has not got; send it with "
-                        "`pretrain sync %s` once %s is reachable", self.run_dir, self.run_dir,
-                        hide_credentials(self.target.uri))
+            log.warning(
+                "MLflow tracking: %s still holds data MLflow has not got; send it with "
+                "`pretrain sync %s` once %s is reachable",
+                self.run_dir,
+                self.run_dir,
+                hide_credentials(self.target.uri),
+            )
         self.close()
 
     # -- sending
@@ -207,14 +216,22 @@ class MlflowTracker(LocalRun):
         except Exception as exc:  # any failure of the store is an outage: training must go on
             self._retry_at = time.monotonic() + self.retry_interval_s
             if not self._in_outage:
-                log.warning("MLflow tracking at %s failed (%s); training continues, metrics are kept in %s "
-                            "and resent every %.0f s", hide_credentials(self.target.uri),
-                            _describe(exc), self.metrics_path, self.retry_interval_s)
+                log.warning(
+                    "MLflow tracking at %s failed (%s); training continues, metrics are kept in %s "
+                    "and resent every %.0f s",
+                    hide_credentials(self.target.uri),
+                    _describe(exc),
+                    self.metrics_path,
+                    self.retry_interval_s,
+                )
             self._in_outage = True
             return
         if self._in_outage:
-            log.warning("MLflow tracking at %s is reachable again; sent %d metric values kept locally",
-                        hide_credentials(self.target.uri), sent)
+            log.warning(
+                "MLflow tracking at %s is reachable again; sent %d metric values kept locally",
+                hide_credentials(self.target.uri),
+                sent,
+            )
         self._in_outage = False
 
     def push(self) -> int:
@@ -235,8 +252,11 @@ class MlflowTracker(LocalRun):
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                log.warning("MLflow run %s is not in %s; creating a new run and sending the whole local "
-                            "record to it", self.run_id, hide_credentials(self.target.uri))
+                log.warning(
+                    "MLflow run %s is not in %s; creating a new run and sending the whole local record to it",
+                    self.run_id,
+                    hide_credentials(self.target.uri),
+                )
         run = self._client.create_run(self._experiment_id(), run_name=self.target.run_name)
         self.run_id = run.info.run_id
         atomic_write_text(self.run_dir / RUN_ID_FILE, self.run_id + "\n")
@@ -258,8 +278,10 @@ class MlflowTracker(LocalRun):
                 if experiment is None:
                     raise
         if experiment.lifecycle_stage == "deleted":
-            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments "
-                                "restore`) or set another tracking.experiment")
+            raise TrackingError(
+                f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments "
+                "restore`) or set another tracking.experiment"
+            )
         return experiment.experiment_id
 
     def _replay_ops(self) -> None:
@@ -280,7 +302,7 @@ class MlflowTracker(LocalRun):
         elif kind == "tags":
             tags = [RunTag(k, v) for k, v in clean(op["tags"], MAX_TAG_VAL_LENGTH).items()]
             for start in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
-                self._client.log_batch(self.run_id, tags=tags[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+                self._client.log_batch(self.run_id, tags=tags[start : start + MAX_PARAMS_TAGS_PER_BATCH])
         elif kind == "artifact":
             self._log_artifact_now(Path(op["path"]), op["artifact_path"])
         elif kind == "status" and op["status"] in TERMINAL_STATUSES:
@@ -293,11 +315,13 @@ class MlflowTracker(LocalRun):
         logged = self._client.get_run(self.run_id).data.params
         changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
         if changed:
-            log.warning("MLflow params cannot change within a run; kept the first values of %s",
-                        ", ".join(changed[:10]) + (" ..." if len(changed) > 10 else ""))
+            log.warning(
+                "MLflow params cannot change within a run; kept the first values of %s",
+                ", ".join(changed[:10]) + (" ..." if len(changed) > 10 else ""),
+            )
         new = [Param(k, v) for k, v in params.items() if k not in logged]
         for start in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=new[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+            self._client.log_batch(self.run_id, params=new[start : start + MAX_PARAMS_TAGS_PER_BATCH])
 
     def _log_artifact_now(self, path: Path, artifact_path: str | None) -> None:
         if path.is_dir():
@@ -329,8 +353,12 @@ class MlflowTracker(LocalRun):
         except Exception as exc:
             if not _is_rejection(exc):
                 raise
-            log.warning("MLflow refused %d metric values (%s); they stay only in %s", len(batch),
-                        _describe(exc), self.metrics_path)
+            log.warning(
+                "MLflow refused %d metric values (%s); they stay only in %s",
+                len(batch),
+                _describe(exc),
+                self.metrics_path,
+            )
             batch = []
         atomic_write_text(synced_path, f"{end_offset}\n")
         return len(batch)
@@ -389,14 +417,16 @@ def sync_run(run_dir: Path, *, uri: str | None = None) -> int:
     try:
         return tracker.push()
     except Exception as exc:
-        raise TrackingError(f"sync {run_dir}: MLflow at {hide_credentials(target.uri)} failed: "
-                            f"{_describe(exc)}") from exc
+        raise TrackingError(
+            f"sync {run_dir}: MLflow at {hide_credentials(target.uri)} failed: {_describe(exc)}"
+        ) from exc
     finally:
         tracker.close()
 
 
-def log_stage(tracker: LocalRun, stage: str, figures: Mapping[str, Any], status: str = "done", *,
-              step: int = 0) -> None:
+def log_stage(
+    tracker: LocalRun, stage: str, figures: Mapping[str, Any], status: str = "done", *, step: int = 0
+) -> None:
     """A stage's figures: numbers as metrics `<stage>/<key>` at `step`, the rest as params; tag
     `stage.<stage>=<status>`. Keys that already hold a '/' are used as they are."""
     named = {key if "/" in key else f"{stage}/{key}": value for key, value in figures.items()}
@@ -423,8 +453,10 @@ def _all_runs(client: MlflowClient, uri: str, experiment: str) -> list[Run]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise TrackingError(f"no MLflow experiment {experiment!r} in {hide_credentials(uri)}; "
-                            f"experiments there: {', '.join(names) or 'none'}")
+        raise TrackingError(
+            f"no MLflow experiment {experiment!r} in {hide_credentials(uri)}; "
+            f"experiments there: {', '.join(names) or 'none'}"
+        )
     runs, token = [], None
     while True:
         page = client.search_runs([found.experiment_id], max_results=1000, page_token=token)
@@ -432,5 +464,3 @@ def _all_runs(client: MlflowClient, uri: str, experiment: str) -> list[Run]:
         token = page.token
         if not token:
             return runs
-
-

@@ -1,4 +1,5 @@
 """`pretrain ui`: the MLflow UI server for a store, on 127.0.0.1, started and stopped as a process group."""
+
 from __future__ import annotations
 
 import os
@@ -15,16 +16,27 @@ from pipeline.tracking.names import sqlite_path
 
 def ui_command(uri: str, port: int) -> list[str]:
     """`mlflow server` for a store, bound to 127.0.0.1 with one worker (ready in ~10 s, not ~24 s)."""
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     db = sqlite_path(uri)
     if db is not None:  # uploads through the server land next to the store, not in the cwd
         command += ["--artifacts-destination", str(db.parent / "mlartifacts")]
     return command
 
 
-def start_ui(uri: str, port: int, log_path: Path,
-             timeout_s: float = 120) -> tuple[subprocess.Popen | None, str]:
+def start_ui(uri: str, port: int, log_path: Path, timeout_s: float = 120) -> tuple[subprocess.Popen | None, str]:
     """Start the MLflow UI for a store and wait until it answers; returns (process, URL).
 
     An http(s) URI already is a server with its UI: (None, uri). Stop the process with `stop_ui`.
@@ -37,8 +49,9 @@ def start_ui(uri: str, port: int, log_path: Path,
     # Background job execution adds worker processes a UI does not need.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(ui_command(uri, port), stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            ui_command(uri, port), stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     _wait_healthy(process, url, log_path, timeout_s)
     return process, url
@@ -58,8 +71,7 @@ def _wait_healthy(process: subprocess.Popen, url: str, log_path: Path, timeout_s
             pass
         time.sleep(0.25)
     stop_ui(process)
-    raise TrackingError(f"mlflow server at {url} did not answer /health within {timeout_s:.0f} s; "
-                        f"see {log_path}")
+    raise TrackingError(f"mlflow server at {url} did not answer /health within {timeout_s:.0f} s; see {log_path}")
 
 
 def stop_ui(process: subprocess.Popen, timeout_s: float = 15) -> None:

@@ -1,12 +1,12 @@
 """The train stage: DeepSpeed ZeRO training of a GPT or BERT on token shards.
 
-    run.py        what a rank holds (Run), a step's outcome, the result, the callback interface
-    loop.py       setup, train, train_step, evaluate: the loop, readable on one screen
-    callbacks.py  periodic concerns with their own cadence: metrics, validation, checkpoints, profiler
-    health.py     non-finite steps and rollback (the first callback)
-    meter.py      loss, throughput, MFU and memory over a logging window
-    state.py      checkpoint save and resume of a rank's state
-    requests.py   checkpoint requests from signals and from the driver
-    ray_train.py  the driver: a Ray Train worker group (imports ray; ranks never need it)
-    torchrun.py   the torchrun entry (`python -m pipeline.training`), without Ray or MLflow
+run.py        what a rank holds (Run), a step's outcome, the result, the callback interface
+loop.py       setup, train, train_step, evaluate: the loop, readable on one screen
+callbacks.py  periodic concerns with their own cadence: metrics, validation, checkpoints, profiler
+health.py     non-finite steps and rollback (the first callback)
+meter.py      loss, throughput, MFU and memory over a logging window
+state.py      checkpoint save and resume of a rank's state
+requests.py   checkpoint requests from signals and from the driver
+ray_train.py  the driver: a Ray Train worker group (imports ray; ranks never need it)
+torchrun.py   the torchrun entry (`python -m pipeline.training`), without Ray or MLflow
 """

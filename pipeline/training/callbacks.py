@@ -6,10 +6,11 @@ first, so the others see `outcome.rolled_back` and skip the step; metrics are lo
 validation, which comes before the checkpoint that may follow it. Every rank runs every callback
 (their collectives must match); only rank 0 writes metrics.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -108,11 +109,16 @@ class Profiler(Callback):
             print(f"profile: {self.steps} steps from step {self.start_step} written to {self.out}", flush=True)
 
 
-def default_callbacks(config: Config, run_dir: Path, rank: int, health: StepHealth,
-                      evaluate: Callable[[Run], float]) -> list[Callback]:
+def default_callbacks(
+    config: Config, run_dir: Path, rank: int, health: StepHealth, evaluate: Callable[[Run], float]
+) -> list[Callback]:
     t = config.train
-    callbacks: list[Callback] = [health, MetricsLogger(t.log_every), Validator(t.eval_every, evaluate),
-                                 Checkpointer(t.checkpoint_every, CheckpointRequests(run_dir, rank))]
+    callbacks: list[Callback] = [
+        health,
+        MetricsLogger(t.log_every),
+        Validator(t.eval_every, evaluate),
+        Checkpointer(t.checkpoint_every, CheckpointRequests(run_dir, rank)),
+    ]
     if t.profile_at_step is not None:
         callbacks.append(Profiler(t.profile_at_step, t.profile_steps, run_dir))
     return callbacks

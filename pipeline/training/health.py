@@ -8,6 +8,7 @@ with the data after the bad batch (`train/rollbacks`, logged at the step that tr
 checkpoint to return to, or after MAX_ROLLBACKS_PER_CHECKPOINT rollbacks to the same one, training
 stops with TrainingDiverged.
 """
+
 from __future__ import annotations
 
 from collections import Counter, deque
@@ -71,11 +72,16 @@ class StepHealth(Callback):
         tag = latest_tag(run.run_dir)
         why = f"{len(self.recent)} of the last {t.bad_step_window} steps had a non-finite loss or gradient"
         if tag is None or self.rollbacks_to[tag] >= MAX_ROLLBACKS_PER_CHECKPOINT:
-            where = "no checkpoint to roll back to" if tag is None else f"already rolled back to {tag} " \
-                    f"{MAX_ROLLBACKS_PER_CHECKPOINT} times"
-            raise TrainingDiverged(f"step {bad_step}: {why} (train.max_bad_steps={t.max_bad_steps}) and {where}; "
-                                   "lower train.lr or raise train.warmup_steps, check the data near this step, "
-                                   "or checkpoint more often (train.checkpoint_every)")
+            where = (
+                "no checkpoint to roll back to"
+                if tag is None
+                else f"already rolled back to {tag} {MAX_ROLLBACKS_PER_CHECKPOINT} times"
+            )
+            raise TrainingDiverged(
+                f"step {bad_step}: {why} (train.max_bad_steps={t.max_bad_steps}) and {where}; "
+                "lower train.lr or raise train.warmup_steps, check the data near this step, "
+                "or checkpoint more often (train.checkpoint_every)"
+            )
         self.rollbacks += 1
         self.rollbacks_to[tag] += 1
         run.log(run.flush_meter() | {METRIC_ROLLBACKS: self.rollbacks})
@@ -83,8 +89,11 @@ class StepHealth(Callback):
         load_state(run, path, read_trainer_state(path), restore_loader=False)
         self.recent.clear()
         if run.rank == 0:
-            print(f"step {bad_step}: {why}; rolled back to {path} (step {run.step}), continuing with the data "
-                  "after the bad batch", flush=True)
+            print(
+                f"step {bad_step}: {why}; rolled back to {path} (step {run.step}), continuing with the data "
+                "after the bad batch",
+                flush=True,
+            )
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks}

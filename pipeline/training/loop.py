@@ -11,6 +11,7 @@ Config changes are checked against the checkpoint: the model, tokenizer, data, s
 stage, precision and offload are refused, anything else (max_steps, cadences, learning rate, ...) is
 allowed and printed. The global batch follows a new world size unless train.global_batch_size pins it.
 """
+
 from __future__ import annotations
 
 import random
@@ -58,8 +59,10 @@ def setup(config: Config, run_dir: Path, shard_dir: Path, *, shards_verified: bo
     device = ds_engine.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if world_size != config.data_parallel_size:
-        raise ConfigError(f"cluster.num_workers={config.data_parallel_size} but {world_size} processes were "
-                          f"started; set cluster.num_workers={world_size} (the batch sizes derive from it)")
+        raise ConfigError(
+            f"cluster.num_workers={config.data_parallel_size} but {world_size} processes were "
+            f"started; set cluster.num_workers={world_size} (the batch sizes derive from it)"
+        )
     dataset = TokenDataset(shard_dir, "train")  # every rank checks the sizes of what it maps: cheap
     check_vocab_fits(dataset, config.model.vocab_size)
     if rank == 0:
@@ -70,20 +73,39 @@ def setup(config: Config, run_dir: Path, shard_dir: Path, *, shards_verified: bo
     check_storage(config, run_dir)
     point = checkpoint.resume_point(run_dir, config)
     reshard = point is not None and point[1]["world_size"] != world_size and config.train.zero_stage > 0
-    ds_config = deepspeed_config(config.train, world_size, num_parameters=count_parameters(config),
-                                 d_model=config.model.d_model, on_gpu=device.type == "cuda", load_universal=reshard)
+    ds_config = deepspeed_config(
+        config.train,
+        world_size,
+        num_parameters=count_parameters(config),
+        d_model=config.model.d_model,
+        on_gpu=device.type == "cuda",
+        load_universal=reshard,
+    )
     if rank == 0:  # the exact JSON DeepSpeed got, for the run's records
         atomic_write_json(run_dir / DEEPSPEED_CONFIG_FILE, ds_config)
     model = ds_engine.create_model(config, ds_config)
     t = config.train
     health = StepHealth(t.max_bad_steps, t.bad_step_window)
-    meter = Meter(tokens_per_step=t.global_batch_size * t.seq_len, world_size=world_size, device=device,
-                  flops_per_token=flops_per_token(model_config(config), t.seq_len),
-                  peak_flops=peak_flops_per_device(t.peak_flops, device))
-    run = Run(config=config, run_dir=run_dir, rank=rank, world_size=world_size, device=device,
-              engine=ds_engine.initialize(model, t, ds_config), loader=make_loader(dataset, config, rank, world_size),
-              val_dataset=TokenDataset(shard_dir, "val"), sink=training_sink(run_dir, rank), meter=meter,
-              health=health)
+    meter = Meter(
+        tokens_per_step=t.global_batch_size * t.seq_len,
+        world_size=world_size,
+        device=device,
+        flops_per_token=flops_per_token(model_config(config), t.seq_len),
+        peak_flops=peak_flops_per_device(t.peak_flops, device),
+    )
+    run = Run(
+        config=config,
+        run_dir=run_dir,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        engine=ds_engine.initialize(model, t, ds_config),
+        loader=make_loader(dataset, config, rank, world_size),
+        val_dataset=TokenDataset(shard_dir, "val"),
+        sink=training_sink(run_dir, rank),
+        meter=meter,
+        health=health,
+    )
     seed_rank(config.run.seed, rank)
     resume(run, point)
     return run, default_callbacks(config, run_dir, rank, health, evaluate)
@@ -101,12 +123,22 @@ def check_storage(config: Config, run_dir: Path) -> None:
     checkpoint.check_storage(run_dir, size, t.keep_checkpoints)
 
 
-def make_loader(dataset: TokenDataset, config: Config, rank: int, world_size: int, *,
-                shuffle: bool = True) -> BatchLoader:
+def make_loader(
+    dataset: TokenDataset, config: Config, rank: int, world_size: int, *, shuffle: bool = True
+) -> BatchLoader:
     t = config.train
     masking = bert_masking_ids(dataset.shard_dir / SHARD_TOKENIZER_DIR) if config.model.family == "bert" else {}
-    return BatchLoader(dataset, family=config.model.family, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-                       rank=rank, world_size=world_size, seed=config.run.seed, shuffle=shuffle, **masking)
+    return BatchLoader(
+        dataset,
+        family=config.model.family,
+        seq_len=t.seq_len,
+        micro_batch_size=t.micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=config.run.seed,
+        shuffle=shuffle,
+        **masking,
+    )
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -125,8 +157,9 @@ def train(run: Run, callbacks: list[Callback]) -> TrainResult:
         while run.step < t.max_steps and not run.stopping:
             started, lr = time.perf_counter(), ds_engine.current_lr(run.engine)
             loss, grad_norm = train_step(run.engine, run.loader, t.grad_accum_steps, run.device)
-            outcome = StepOutcome(loss, grad_norm, lr, time.perf_counter() - started,
-                                  skipped=step_was_bad(run.engine, t.precision, loss))
+            outcome = StepOutcome(
+                loss, grad_norm, lr, time.perf_counter() - started, skipped=step_was_bad(run.engine, t.precision, loss)
+            )
             run.meter.add(loss, grad_norm, lr, outcome.seconds, skipped=outcome.skipped)
             run.step += 1
             run.tokens_seen += run.tokens_per_step
@@ -173,7 +206,15 @@ def evaluate(run: Run) -> float:
 
 def finish(run: Run) -> TrainResult:
     figures: dict[str, Any] = run.meter.summary() | {
-        "steps": run.step, "tokens_seen": run.tokens_seen, "val_loss": run.val_loss, "world_size": run.world_size,
-        "resumed_from_step": run.resumed_from}
-    return TrainResult(figures=figures, stopped=run.stopping, steps=run.step,
-                       checkpoint=str(run.last_checkpoint) if run.last_checkpoint else None)
+        "steps": run.step,
+        "tokens_seen": run.tokens_seen,
+        "val_loss": run.val_loss,
+        "world_size": run.world_size,
+        "resumed_from_step": run.resumed_from,
+    }
+    return TrainResult(
+        figures=figures,
+        stopped=run.stopping,
+        steps=run.step,
+        checkpoint=str(run.last_checkpoint) if run.last_checkpoint else None,
+    )

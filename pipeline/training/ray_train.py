@@ -5,28 +5,27 @@ The driver checks the shards once before any worker starts, so a bad shard is on
 and no worker reads it. A user error raised on a rank keeps its traceback in `<run_dir>/logs/` and
 reaches the driver as the same `UserError`, which the CLI prints as one line; Ray's own report of the
 failed worker group goes to the Ray session logs. The result travels back through a small actor
-(Ray Train returns only the metrics attached to checkpoints).
+(Ray Train returns only the metrics attached to checkpoints). Workers' output stays in the Ray
+session logs; the driver shows the progress from the run's journal (pipeline/training/progress.py).
 """
+
 from __future__ import annotations
 
-import logging
 import traceback
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from pipeline.artifacts import atomic_write_text
+from pipeline.checkpoint import resume_point
 from pipeline.config import Config
 from pipeline.data import verify_shards
 from pipeline.errors import UserError
-from pipeline.rundir import LOGS_DIR, error_log
+from pipeline.rundir import save_traceback
 from pipeline.runtime import distributed_backend, ray_connection
+from pipeline.training.loop import check_storage
+from pipeline.training.progress import training_progress
 from pipeline.training.requests import forward_signals
 from pipeline.training.run import TrainResult
-
-# Ray Train's controller logs a failed worker group with every worker's traceback at ERROR; for a user
-# error the driver says it in one line, and the run's logs/ keep the tracebacks.
-_RAY_TRAIN_LOGGERS = ("ray.train", "ray.train.v2")
 
 
 class _Outcome:
@@ -58,59 +57,61 @@ def _worker(loop_config: dict[str, Any]) -> None:
     try:
         result = train_worker(run_dir, Path(loop_config["shard_dir"]), shards_verified=True)
     except UserError as exc:
-        atomic_write_text(error_log(run_dir, f"train-rank{rank}"), traceback.format_exc())
+        save_traceback(run_dir, f"train-rank{rank}", traceback.format_exc())
         ray.get(outcome.set_error.remote(exc))
         raise
     if rank == 0:
         ray.get(outcome.set_result.remote(result.to_dict()))
 
 
-def run_training(config: Config, shard_dir: Path, run_dir: Path) -> TrainResult:
+def run_training(config: Config, shard_dir: Path, run_dir: Path, echo: Callable[[str], None] = print) -> TrainResult:
     """Train in a Ray Train worker group attached to the running Ray (or cluster.address, or an embedded
-    local Ray); resumes when run_dir holds a checkpoint. The run directory must hold the run's config."""
+    local Ray); resumes when run_dir holds a checkpoint. The run directory must hold the run's config.
+    Everything a user can get wrong is checked here, before a worker starts."""
+    run_dir, shard_dir = Path(run_dir).resolve(), Path(shard_dir).resolve()
+    check_storage(config, run_dir)
+    verify_shards(shard_dir, config.data.verify_checksums)
+    announce_resume(resume_point(run_dir, config), echo)
+    with ray_connection(config), forward_signals(run_dir), training_progress(run_dir, config.train.max_steps, echo):
+        return _fit(config, shard_dir, run_dir)
+
+
+def announce_resume(point: tuple[Path, dict, dict] | None, echo: Callable[[str], None]) -> None:
+    """The checkpoint a run resumes from and the config changes it allows (refused ones raised already)."""
+    if point is None:
+        return
+    path, state, changes = point
+    echo(f"resumed from {path} (step {state['step']}, {state['tokens_seen']:,} tokens)")
+    for key, (old, new) in changes.items():
+        echo(f"resume: {key} changed from {old!r} to {new!r}")
+
+
+def _fit(config: Config, shard_dir: Path, run_dir: Path) -> TrainResult:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.training.loop import check_storage
-
-    run_dir, shard_dir, c = Path(run_dir).resolve(), Path(shard_dir).resolve(), config.cluster
-    check_storage(config, run_dir)  # fail in a second, before starting the worker group
-    verify_shards(shard_dir, config.data.verify_checksums)
-    resources = {"CPU": c.cpus_per_worker} | ({"GPU": 1} if c.use_gpu else {})
-    with ray_connection(config), forward_signals(run_dir), _ray_train_logs_to(run_dir):
-        outcome = ray.remote(num_cpus=0)(_Outcome).remote()
-        trainer = TorchTrainer(
-            _worker, train_loop_config={"run_dir": str(run_dir), "shard_dir": str(shard_dir), "outcome": outcome},
-            scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
-            torch_config=TorchConfig(backend=distributed_backend(c.use_gpu)),
-            run_config=RunConfig(name="train", storage_path=str(run_dir / "ray"),
-                                 failure_config=FailureConfig(max_failures=c.max_failures)))
-        try:
-            trainer.fit()
-        except Exception:
-            _, error = ray.get(outcome.get.remote())
-            if error is not None:
-                raise error from None
-            raise
-        result, _ = ray.get(outcome.get.remote())
-    return TrainResult(**result)
-
-
-@contextmanager
-def _ray_train_logs_to(run_dir: Path) -> Iterator[None]:
-    """Route Ray Train's driver-side loggers to `<run_dir>/logs/ray-train.log` while training runs."""
-    path = Path(run_dir) / LOGS_DIR / "ray-train.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    saved = []
-    for name in _RAY_TRAIN_LOGGERS:
-        logger = logging.getLogger(name)
-        saved.append((logger, logger.handlers[:], logger.propagate))
-        logger.handlers, logger.propagate = [handler], False
+    c = config.cluster
+    outcome = ray.remote(num_cpus=0)(_Outcome).remote()
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"run_dir": str(run_dir), "shard_dir": str(shard_dir), "outcome": outcome},
+        scaling_config=ScalingConfig(
+            num_workers=c.num_workers,
+            use_gpu=c.use_gpu,
+            resources_per_worker={"CPU": c.cpus_per_worker} | ({"GPU": 1} if c.use_gpu else {}),
+        ),
+        torch_config=TorchConfig(backend=distributed_backend(c.use_gpu)),
+        run_config=RunConfig(
+            name="train", storage_path=str(run_dir / "ray"), failure_config=FailureConfig(max_failures=c.max_failures)
+        ),
+    )
     try:
-        yield
-    finally:
-        for logger, handlers, propagate in saved:
-            logger.handlers, logger.propagate = handlers, propagate
-        handler.close()
+        trainer.fit()
+    except Exception:
+        _, error = ray.get(outcome.get.remote())
+        if error is not None:
+            raise error from None
+        raise
+    result, _ = ray.get(outcome.get.remote())
+    return TrainResult(**result)

@@ -6,13 +6,15 @@ function outside the main thread, where no handler can be installed, so the driv
 signals by writing `<run_dir>/checkpoint_request` (`forward_signals`), which rank 0 reads. All ranks
 agree on a request through one small all-reduce per step.
 """
+
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,6 +58,7 @@ class CheckpointRequests:
 @contextmanager
 def forward_signals(run_dir: Path) -> Iterator[None]:
     """While workers train, SIGUSR1/SIGTERM to this driver become a checkpoint request file."""
+
     def forward(signum, frame):
         atomic_write_text(Path(run_dir) / REQUEST_FILE, _STOP_WORD if signum == signal.SIGTERM else "checkpoint")
 

@@ -1,5 +1,6 @@
 """What one rank's training holds (`Run`), what a step hands to the periodic concerns (`StepOutcome`),
 and what training returns (`TrainResult`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pipeline.training.meter import Meter
 class StepOutcome:
     """One optimizer step as the periodic concerns see it. A rollback (the first concern) sets
     `rolled_back`; the others then skip their work for this step."""
+
     loss: torch.Tensor
     grad_norm: Any
     lr: float
@@ -30,6 +32,7 @@ class StepOutcome:
 class TrainResult:
     """What training returns to its driver: the figures (logged as the train stage's metrics), whether
     it stopped on request before max_steps, and where its last checkpoint is."""
+
     figures: dict[str, Any]
     stopped: bool
     steps: int

@@ -8,6 +8,7 @@ format, converted by rank 0 next to the checkpoint and deleted after (`ds_to_uni
 small models, a full copy of the model states on disk for large ones). Ranks that did not exist when
 the checkpoint was saved start from the seeded RNG state.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -25,12 +26,23 @@ from pipeline.training.run import Run
 def save_checkpoint(run: Run) -> None:
     """Every rank calls this (DeepSpeed writes each rank's shard; a rank that skipped would hang the rest)."""
     run.last_checkpoint = checkpoint.save(
-        run.run_dir, run.step, rank=run.rank, barrier=dist.barrier, keep=run.config.train.keep_checkpoints,
+        run.run_dir,
+        run.step,
+        rank=run.rank,
+        barrier=dist.barrier,
+        keep=run.config.train.keep_checkpoints,
         save_engine=lambda root, tag: ds_engine.save_checkpoint(run.engine, root, tag),
-        trainer_state={"step": run.step, "tokens_seen": run.tokens_seen, "loader": run.loader.state_dict(),
-                       "world_size": run.world_size, "mlflow_run_id": mlflow_run_id(run.run_dir),
-                       **run.health.state_dict(), "config_fingerprint": checkpoint.fingerprint(run.config),
-                       "config": run.config.model_dump(mode="json")})
+        trainer_state={
+            "step": run.step,
+            "tokens_seen": run.tokens_seen,
+            "loader": run.loader.state_dict(),
+            "world_size": run.world_size,
+            "mlflow_run_id": mlflow_run_id(run.run_dir),
+            **run.health.state_dict(),
+            "config_fingerprint": checkpoint.fingerprint(run.config),
+            "config": run.config.model_dump(mode="json"),
+        },
+    )
 
 
 def resume(run: Run, point: tuple[Path, dict, dict] | None) -> None:

@@ -5,6 +5,7 @@ while the others wait, every rank trains, and rank 0 writes the result to `<run_
 (a torchrun process has no caller to return it to). Metrics stay in the run's journal
 (`<run_dir>/metrics.jsonl`); `pretrain sync RUN_DIR` sends them to MLflow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from pipeline.artifacts import atomic_write_text
 from pipeline.errors import UserError
-from pipeline.rundir import TRAIN_RESULT_FILE, error_log
+from pipeline.rundir import TRAIN_RESULT_FILE, save_traceback
 from pipeline.training.loop import train_worker
 from pipeline.training.run import TrainResult
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         train_and_record(run_dir, Path(args.shards))
     except UserError as exc:
         rank = int(os.environ.get("RANK", 0))
-        atomic_write_text(error_log(run_dir, f"train-rank{rank}"), traceback.format_exc())
+        save_traceback(run_dir, f"train-rank{rank}", traceback.format_exc())
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     except BaseException:

@@ -4,6 +4,7 @@ temp dir, on free loopback ports. Facts it relies on are in ../shared/NOTES-infr
 The session fixture `slurm_cluster` starts it once (installing Debian's packages when root and missing)
 and always stops it: `scontrol shutdown` for the Slurm daemons, then munged by its pid.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,6 +57,7 @@ def ensure_slurm_installed() -> str | None:
 @dataclass
 class PrivateSlurm:
     """munged + slurmctld + one slurmd per node name, configured and logging under `root`."""
+
     root: Path
     nodes: tuple[str, ...] = NODES
     munged_pid: int | None = None
@@ -85,9 +87,20 @@ class PrivateSlurm:
         subprocess.run(["mungekey", "-c", "-k", str(key)], env=self.env, check=True, capture_output=True)
         key.chmod(0o600)
         pid_file = self.root / "munged.pid"
-        subprocess.run(["munged", "--force", f"--socket={self.root / 'munge.sock'}", f"--key-file={key}",
-                        f"--pid-file={pid_file}", f"--log-file={self.root / 'munged.log'}",
-                        f"--seed-file={self.root / 'munged.seed'}"], env=self.env, check=True, capture_output=True)
+        subprocess.run(
+            [
+                "munged",
+                "--force",
+                f"--socket={self.root / 'munge.sock'}",
+                f"--key-file={key}",
+                f"--pid-file={pid_file}",
+                f"--log-file={self.root / 'munged.log'}",
+                f"--seed-file={self.root / 'munged.seed'}",
+            ],
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
         self.munged_pid = int(pid_file.read_text().strip())
 
     def _run_daemon(self, command: list[str], name: str) -> None:
@@ -100,19 +113,39 @@ class PrivateSlurm:
         host, r = socket.gethostname().split(".")[0], self.root
         mem_mib = int(_mem_total_kib() / 1024 * 0.8)
         lines = [
-            "ClusterName=pretraintest", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
-            f"SlurmctldPort={free_port()}", f"AuthInfo=socket={r / 'munge.sock'},cred_expire=10",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}/%n",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
-            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd-%n.log'}",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core_Memory", "DefMemPerCPU=500", "MpiDefault=none", "ReturnToService=2",
-            "JobCompType=jobcomp/filetxt", f"JobCompLoc={r / 'jobcomp.txt'}",
-            "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
-            "MailProg=/bin/true", "KillWait=5", "MinJobAge=300", "SchedulerParameters=sched_interval=2",
+            "ClusterName=pretraintest",
+            f"SlurmctldHost={host}(127.0.0.1)",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"SlurmctldPort={free_port()}",
+            f"AuthInfo=socket={r / 'munge.sock'},cred_expire=10",
+            f"StateSaveLocation={r / 'state'}",
+            f"SlurmdSpoolDir={r / 'spool'}/%n",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}",
+            f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
+            f"SlurmctldLogFile={r / 'slurmctld.log'}",
+            f"SlurmdLogFile={r / 'slurmd-%n.log'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core_Memory",
+            "DefMemPerCPU=500",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "JobCompType=jobcomp/filetxt",
+            f"JobCompLoc={r / 'jobcomp.txt'}",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "MailProg=/bin/true",
+            "KillWait=5",
+            "MinJobAge=300",
+            "SchedulerParameters=sched_interval=2",
         ]
-        lines += [f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
-                  f"CPUs={CPUS_PER_NODE} RealMemory={mem_mib} State=UNKNOWN" for node in self.nodes]
+        lines += [
+            f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
+            f"CPUs={CPUS_PER_NODE} RealMemory={mem_mib} State=UNKNOWN"
+            for node in self.nodes
+        ]
         lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
         (r / "state").mkdir(exist_ok=True)
         return "\n".join(lines) + "\n"

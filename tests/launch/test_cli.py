@@ -10,8 +10,9 @@ PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def pretrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
 
 
 def test_help_lists_subcommands():
@@ -25,7 +26,8 @@ def test_config_check_reports_bad_override_in_one_line_without_traceback():
     out = pretrain("config", "check", "configs/gpt-tiny.yaml", "model.n_heads=5")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "error: configs/gpt-tiny.yaml: model.n_heads=5 must divide model.d_model=128"]
+        "error: configs/gpt-tiny.yaml: model.n_heads=5 must divide model.d_model=128"
+    ]
     assert "Traceback" not in out.stderr
 
 
@@ -56,8 +58,11 @@ def test_plan_runs_for_every_preset(preset):
 def test_plan_table_for_llama_1b_partitions_model_states():
     out = pretrain("plan", "configs/llama-1b.yaml")
     assert out.returncode == 0, out.stderr
-    rows = {int(line.split()[0]): [float(v) for v in line.split()[1:5]]
-            for line in out.stdout.splitlines() if line[:1].isdigit()}
+    rows = {
+        int(line.split()[0]): [float(v) for v in line.split()[1:5]]
+        for line in out.stdout.splitlines()
+        if line[:1].isdigit()
+    }
     assert sorted(rows) == [0, 1, 2, 3]
     dp = 8
     assert rows[3][3] == pytest.approx(rows[0][3] / dp, abs=0.002)

@@ -1,5 +1,6 @@
 """Fast tests of `pretrain submit` / `pretrain status` without a Slurm cluster: rendering, dry runs, site
 settings, sweep expansion, and submission against stand-in `sbatch` and `scontrol` executables."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,14 @@ import pytest
 import yaml
 
 from launch.cli import main
-from launch.slurm.render import (combination_name, parse_sweep, render_template, split_values, sweep_combinations,
-                                 template_text)
+from launch.slurm.render import (
+    combination_name,
+    parse_sweep,
+    render_template,
+    split_values,
+    sweep_combinations,
+    template_text,
+)
 from launch.slurm.settings import SlurmSettings, load_settings
 from pipeline.config import load_config
 from pipeline.errors import SlurmError
@@ -42,9 +49,10 @@ def fake_slurm(tmp_path, monkeypatch) -> Path:
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" >> {bin_dir}/sbatch.calls\necho "4242;cluster"\n')
     (bin_dir / "scontrol").write_text(
-        f'#!/bin/bash\n[ -f {bin_dir}/STATE ] || exit 1\n'
+        f"#!/bin/bash\n[ -f {bin_dir}/STATE ] || exit 1\n"
         f'echo "JobId=$4 JobName=x JobState=$(cat {bin_dir}/STATE) Reason=None Restarts=1 RunTime=00:01:02 '
-        'NodeList=n1"\n')
+        'NodeList=n1"\n'
+    )
     for tool in ("sbatch", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{Path('/usr/bin')}:{Path('/bin')}")
@@ -56,14 +64,33 @@ def fake_slurm(tmp_path, monkeypatch) -> Path:
 
 
 def test_dry_run_prints_a_complete_script_and_writes_nothing(capsys, workdir):
-    code, out, _ = pretrain(capsys, "submit", GPT_TINY, "train.lr=5e-4", "--nodes", "2", "--partition", "gpu",
-                            "--time", "02:00:00", "--dry-run")
+    code, out, _ = pretrain(
+        capsys,
+        "submit",
+        GPT_TINY,
+        "train.lr=5e-4",
+        "--nodes",
+        "2",
+        "--partition",
+        "gpu",
+        "--time",
+        "02:00:00",
+        "--dry-run",
+    )
     assert code == 0
     assert "{{" not in out and "}}" not in out
-    for line in ("#SBATCH --nodes=2", "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00", "#SBATCH --requeue",
-                 "#SBATCH --signal=B:USR1@300", "#SBATCH --ntasks-per-node=1", "#SBATCH --open-mode=append",
-                 f"#SBATCH --output={workdir.resolve()}/runs/gpt-tiny/slurm/%j.out",
-                 'export NCCL_DEBUG="WARN"', 'export OMP_NUM_THREADS="8"'):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=02:00:00",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={workdir.resolve()}/runs/gpt-tiny/slurm/%j.out",
+        'export NCCL_DEBUG="WARN"',
+        'export OMP_NUM_THREADS="8"',
+    ):
         assert line in out.splitlines(), line
     assert '-m launch.cli run "$CONFIG" cluster.address=auto' in out
     assert "scontrol requeue" in out and "trap on_warning USR1" in out
@@ -81,17 +108,34 @@ def test_rendered_script_is_valid_bash(capsys, workdir, tmp_path):
 
 def test_gpu_allocation_sets_workers_and_cpus_per_worker(capsys, workdir, tmp_path):
     site = tmp_path / "site.yaml"
-    site.write_text(yaml.safe_dump({"account": "proj1", "qos": "high", "modules": ["cuda/12.4", "nccl"],
-                                    "setup": ["source /shared/venv/bin/activate"], "cpus_per_task": 32,
-                                    "env": {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": None},
-                                    "object_store_bytes": 2_000_000_000, "ray_port": 31000}))
-    code, out, _ = pretrain(capsys, "submit", GPT_TINY, "--site", str(site), "--nodes", "2",
-                            "--gpus-per-node", "4", "--dry-run")
+    site.write_text(
+        yaml.safe_dump(
+            {
+                "account": "proj1",
+                "qos": "high",
+                "modules": ["cuda/12.4", "nccl"],
+                "setup": ["source /shared/venv/bin/activate"],
+                "cpus_per_task": 32,
+                "env": {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": None},
+                "object_store_bytes": 2_000_000_000,
+                "ray_port": 31000,
+            }
+        )
+    )
+    code, out, _ = pretrain(
+        capsys, "submit", GPT_TINY, "--site", str(site), "--nodes", "2", "--gpus-per-node", "4", "--dry-run"
+    )
     assert code == 0
     lines = out.splitlines()
-    for line in ("#SBATCH --gpus-per-node=4", "#SBATCH --account=proj1", "#SBATCH --qos=high",
-                 "module load cuda/12.4 nccl", "source /shared/venv/bin/activate", 'export OMP_NUM_THREADS="8"',
-                 'export NCCL_SOCKET_IFNAME="ib0"'):
+    for line in (
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --account=proj1",
+        "#SBATCH --qos=high",
+        "module load cuda/12.4 nccl",
+        "source /shared/venv/bin/activate",
+        'export OMP_NUM_THREADS="8"',
+        'export NCCL_SOCKET_IFNAME="ib0"',
+    ):
         assert line in lines, line
     assert "NCCL_DEBUG" not in out and "RAY_PORT=31000" in out and "--object-store-memory=2000000000" in out
 
@@ -138,10 +182,13 @@ def test_missing_site_file_is_a_clear_error(tmp_path):
         load_settings(str(tmp_path / "nope.yaml"))
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"cpus_per_task": 2, "gpus_per_node": 4}, "less than one CPU to each of the 4 training workers"),
-    ({"signal_seconds": 60, "checkpoint_wait_s": 90}, "must be below signal_seconds=60"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"cpus_per_task": 2, "gpus_per_node": 4}, "less than one CPU to each of the 4 training workers"),
+        ({"signal_seconds": 60, "checkpoint_wait_s": 90}, "must be below signal_seconds=60"),
+    ],
+)
 def test_inconsistent_settings_are_refused(values, message):
     with pytest.raises(SlurmError, match=message):
         load_settings(None, values)
@@ -157,8 +204,11 @@ def test_every_setting_has_a_description():
 
 def test_sweep_expansion_is_a_product_first_key_slowest():
     assert sweep_combinations(["train.lr=1e-3,3e-4", "model.n_layers=2,4"]) == [
-        ["train.lr=1e-3", "model.n_layers=2"], ["train.lr=1e-3", "model.n_layers=4"],
-        ["train.lr=3e-4", "model.n_layers=2"], ["train.lr=3e-4", "model.n_layers=4"]]
+        ["train.lr=1e-3", "model.n_layers=2"],
+        ["train.lr=1e-3", "model.n_layers=4"],
+        ["train.lr=3e-4", "model.n_layers=2"],
+        ["train.lr=3e-4", "model.n_layers=4"],
+    ]
 
 
 def test_sweep_values_keep_commas_inside_yaml_lists():
@@ -185,13 +235,27 @@ def test_combination_names_are_safe_directory_names():
 def test_sweep_dry_run_is_one_array_with_a_run_per_combination(capsys, workdir, tmp_path):
     site = tmp_path / "site.yaml"
     site.write_text("array_parallel: 2\n")
-    code, out, _ = pretrain(capsys, "submit", GPT_TINY, "--site", str(site), "--sweep", "train.lr=1e-3,3e-4",
-                            "--sweep", "model.n_layers=2,4", "--dry-run")
+    code, out, _ = pretrain(
+        capsys,
+        "submit",
+        GPT_TINY,
+        "--site",
+        str(site),
+        "--sweep",
+        "train.lr=1e-3,3e-4",
+        "--sweep",
+        "model.n_layers=2,4",
+        "--dry-run",
+    )
     assert code == 0
     assert "#SBATCH --array=0-3%2" in out.splitlines()
     run_dirs = re.search(r"^RUN_DIRS=\((.*)\)$", out, re.M).group(1).split()
-    assert [Path(d).name for d in run_dirs] == ["gpt-tiny-lr=1e-3-n_layers=2", "gpt-tiny-lr=1e-3-n_layers=4",
-                                                "gpt-tiny-lr=3e-4-n_layers=2", "gpt-tiny-lr=3e-4-n_layers=4"]
+    assert [Path(d).name for d in run_dirs] == [
+        "gpt-tiny-lr=1e-3-n_layers=2",
+        "gpt-tiny-lr=1e-3-n_layers=4",
+        "gpt-tiny-lr=3e-4-n_layers=2",
+        "gpt-tiny-lr=3e-4-n_layers=4",
+    ]
     assert re.search(r"^#SBATCH --output=.*/sweeps/gpt-tiny-\d{8}-\d{6}/%A_%a.out$", out, re.M)
 
 
@@ -254,15 +318,17 @@ def test_status_shows_stages_checkpoint_job_and_mlflow_url(capsys, workdir, fake
     assert pretrain(capsys, "submit", GPT_TINY)[0] == 0
     (fake_slurm / "STATE").write_text("RUNNING")
     run_dir = workdir.resolve() / "runs" / "gpt-tiny"
-    (run_dir / "run.json").write_text(json.dumps({"stages": {"tokenizer": {"status": "done", "reused": True},
-                                                             "train": {"status": "running"}}}))
+    (run_dir / "run.json").write_text(
+        json.dumps({"stages": {"tokenizer": {"status": "done", "reused": True}, "train": {"status": "running"}}})
+    )
     checkpoint = run_dir / "checkpoints" / "step-00000020"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 20, "tokens_seen": 40960}))
     (checkpoint / "COMPLETE").touch()
     (run_dir / "checkpoints" / "latest").write_text("step-00000020\n")
-    (run_dir / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "time_ms": 0, "metrics": {"train/loss": 9.0 - s / 10}}) + "\n" for s in (1, 25)))
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "time_ms": 0, "metrics": {"train/loss": 9.0 - s / 10}}) + "\n" for s in (1, 25))
+    )
     (run_dir / "mlflow_run_id").write_text("abc123\n")
     (run_dir / "mlflow_target.json").write_text(json.dumps({"uri": "http://127.0.0.1:5000"}))
     code, out, _ = pretrain(capsys, "status", str(run_dir))
@@ -284,7 +350,8 @@ def test_status_of_a_fresh_run_directory(capsys, tmp_path):
 def test_resume_refuses_a_finished_run(capsys, workdir, fake_slurm):
     assert pretrain(capsys, "submit", GPT_TINY)[0] == 0
     run_dir = workdir.resolve() / "runs" / "gpt-tiny"
-    (run_dir / "run.json").write_text(json.dumps({"stages": {name: {"status": "done"} for name in
-                                                             ("tokenizer", "shard", "train", "eval")}}))
+    (run_dir / "run.json").write_text(
+        json.dumps({"stages": {name: {"status": "done"} for name in ("tokenizer", "shard", "train", "eval")}})
+    )
     code, _, err = pretrain(capsys, "submit", "--resume", str(run_dir))
     assert code == 2 and "is finished" in err

@@ -2,6 +2,7 @@
 the real `pretrain run` of a tiny GPT: one node, two nodes forming one Ray cluster, preemption with
 requeue and exact resume, and a sweep as a job array. The runs share one workdir, so the tokenizer and
 shards are built once and reused."""
+
 from __future__ import annotations
 
 import json
@@ -27,14 +28,22 @@ TINY = {
     "data": {"max_documents": 120, "val_permille": 100, "shard_tokens": 65536, "num_workers": 1},
     "tokenizer": {"vocab_size": 512, "sample_bytes": 1_000_000},
     "model": {"family": "gpt", "max_seq_len": 64, "d_model": 64, "n_layers": 2, "n_heads": 2},
-    "train": {"micro_batch_size": 4, "grad_accum_steps": 1, "max_steps": STEPS, "warmup_steps": 3, "log_every": 1,
-              "eval_every": 0, "checkpoint_every": 0, "eval_batches": 2, "zero_stage": 1},
+    "train": {
+        "micro_batch_size": 4,
+        "grad_accum_steps": 1,
+        "max_steps": STEPS,
+        "warmup_steps": 3,
+        "log_every": 1,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "eval_batches": 2,
+        "zero_stage": 1,
+    },
     "eval": {"batches": 2, "max_new_tokens": 8},
     "tracking": {"experiment": EXPERIMENT},
 }
 SHORT = ["train.max_steps=10"]
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE"}
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 JOB_TIMEOUT_S = 900
 
 
@@ -45,17 +54,33 @@ def workspace(slurm_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("submit")
     (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    (root / "site.yaml").write_text(yaml.safe_dump({
-        "cpus_per_task": 2, "time": "00:30:00", "python": sys.executable, "ray_tmpdir": f"{ray_tmp}/$SLURM_JOB_ID",
-        "object_store_bytes": 100_000_000, "ray_start_timeout_s": 180, "signal_seconds": 0}))
+    (root / "site.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "cpus_per_task": 2,
+                "time": "00:30:00",
+                "python": sys.executable,
+                "ray_tmpdir": f"{ray_tmp}/$SLURM_JOB_ID",
+                "object_store_bytes": 100_000_000,
+                "ray_start_timeout_s": 180,
+                "signal_seconds": 0,
+            }
+        )
+    )
     yield root
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def submit(cluster, workspace: Path, *args: str) -> str:
     """`pretrain submit tiny.yaml ARGS --site site.yaml`; returns the job id it printed."""
-    done = subprocess.run([sys.executable, "-m", "launch.cli", "submit", "tiny.yaml", *args, "--site", "site.yaml"],
-                          cwd=workspace, env=cluster.env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "submit", "tiny.yaml", *args, "--site", "site.yaml"],
+        cwd=workspace,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return re.search(r"submitted (?:array )?job (\d+)", done.stdout).group(1)
 
@@ -122,13 +147,22 @@ def one_node_run(slurm_cluster, workspace) -> Path:
 def test_one_node_submit_completes_with_a_complete_mlflow_run(slurm_cluster, workspace, one_node_run):
     stages = json.loads((one_node_run / "run.json").read_text())["stages"]
     assert {name: entry["status"] for name, entry in stages.items()} == {
-        "tokenizer": "done", "shard": "done", "train": "done", "eval": "done"}
+        "tokenizer": "done",
+        "shard": "done",
+        "train": "done",
+        "eval": "done",
+    }
     assert sorted(logged_losses(one_node_run)) == list(range(1, STEPS + 1))
     [run] = mlflow_runs(workspace, "one")
     assert run.info.status == "FINISHED" and sorted(mlflow_losses(workspace, run)) == list(range(1, STEPS + 1))
     assert run.data.tags.get("slurm.job_id") and "eval/bits_per_byte" in run.data.metrics
-    status = subprocess.run([sys.executable, "-m", "launch.cli", "status", str(one_node_run)], env=slurm_cluster.env,
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "status", str(one_node_run)],
+        env=slurm_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "stages     tokenizer done" in status.stdout and "COMPLETED, restarts 0" in status.stdout
     assert f"run {run.info.run_id}" in status.stdout
 
@@ -150,8 +184,9 @@ def test_preemption_requeues_and_resumes_with_the_uninterrupted_losses(slurm_clu
     run = run_dir(workspace, "preempted")
     log = run / "slurm" / f"{job}.out"
     wait_for_logged_steps(run / "metrics.jsonl", steps=WARN_AT, log=log)
-    warned = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_cluster.env,
-                            capture_output=True, text=True, timeout=60)
+    warned = subprocess.run(
+        ["scancel", "--signal=USR1", "--batch", job], env=slurm_cluster.env, capture_output=True, text=True, timeout=60
+    )
     assert warned.returncode == 0, warned.stderr
     state = wait_for_job(slurm_cluster, job, log)
     text = log.read_text()

@@ -12,8 +12,9 @@ from models import GPT, ModelConfig, sample_next_token
 TINY = dict(family="gpt", vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)
 VARIANTS = {
     "gpt2": ModelConfig(**TINY),
-    "llama-gqa": ModelConfig(**TINY, n_kv_heads=2, activation="swiglu", norm="rmsnorm", position="rope", bias=False,
-                             tie_embeddings=False),
+    "llama-gqa": ModelConfig(
+        **TINY, n_kv_heads=2, activation="swiglu", norm="rmsnorm", position="rope", bias=False, tie_embeddings=False
+    ),
     "sinusoidal-post-norm": ModelConfig(**TINY, position="sinusoidal", norm_position="post"),
 }
 

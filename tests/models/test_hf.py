@@ -10,10 +10,28 @@ from models import BERT, GPT, ModelConfig, from_hf, from_hf_config, hf_arch, loa
 VOCAB, SEQ = 61, 10
 TINY = dict(vocab_size=VOCAB, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)
 GPT2_CFG = ModelConfig(family="gpt", d_ff=48, **TINY)
-LLAMA_CFG = ModelConfig(family="gpt", n_kv_heads=2, d_ff=48, activation="swiglu", norm="rmsnorm", position="rope",
-                        rope_theta=500.0, bias=False, tie_embeddings=False, **TINY)
-BERT_CFG = ModelConfig(family="bert", d_ff=48, gelu_approximate="none", norm_eps=1e-12, norm_position="post",
-                       type_vocab_size=2, pad_token_id=0, **TINY)
+LLAMA_CFG = ModelConfig(
+    family="gpt",
+    n_kv_heads=2,
+    d_ff=48,
+    activation="swiglu",
+    norm="rmsnorm",
+    position="rope",
+    rope_theta=500.0,
+    bias=False,
+    tie_embeddings=False,
+    **TINY,
+)
+BERT_CFG = ModelConfig(
+    family="bert",
+    d_ff=48,
+    gelu_approximate="none",
+    norm_eps=1e-12,
+    norm_position="post",
+    type_vocab_size=2,
+    pad_token_id=0,
+    **TINY,
+)
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -27,8 +45,11 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def hf_model(hf_config):
     hf_config._attn_implementation = "eager"  # compare against plain matmul-softmax attention, not SDPA
-    cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-           "bert": transformers.BertForMaskedLM}[hf_config.model_type]
+    cls = {
+        "gpt2": transformers.GPT2LMHeadModel,
+        "llama": transformers.LlamaForCausalLM,
+        "bert": transformers.BertForMaskedLM,
+    }[hf_config.model_type]
     return randomize_(cls(hf_config), seed=1)
 
 

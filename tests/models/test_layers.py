@@ -121,9 +121,21 @@ def test_activation_memory_reproduces_korthikanti_without_attention_scores():
 
 
 def test_7b_llama_shape_builds_on_meta():
-    cfg = ModelConfig(family="gpt", vocab_size=32000, max_seq_len=4096, d_model=4096, n_layers=32, n_heads=32,
-                      d_ff=11008, activation="swiglu", norm="rmsnorm", norm_eps=1e-5, position="rope", bias=False,
-                      tie_embeddings=False)
+    cfg = ModelConfig(
+        family="gpt",
+        vocab_size=32000,
+        max_seq_len=4096,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        d_ff=11008,
+        activation="swiglu",
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        position="rope",
+        bias=False,
+        tie_embeddings=False,
+    )
     with init_empty_weights():
         model = GPT(cfg)
     assert all(p.is_meta for p in model.parameters())

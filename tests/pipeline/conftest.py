@@ -1,4 +1,5 @@
 """Shared fixtures for pipeline tests: a real `mlflow server` on 127.0.0.1."""
+
 from __future__ import annotations
 
 import socket
@@ -45,3 +46,36 @@ def repo_artifacts_dir() -> Path:
     path = Path(__file__).resolve().parents[2] / "test-artifacts"
     path.mkdir(exist_ok=True)
     return path
+
+
+def train_tiny_run(arch: str, shard_dir: Path, workdir: Path):
+    """A 2-step ZeRO-2 training run (one worker, tracking off) -> (config, run_dir)."""
+    from pipeline.rundir import prepare_run_dir
+    from pipeline.training.ray_train import run_training
+    from tests.pipeline.test_export import tiny_config
+
+    config = tiny_config(
+        arch,
+        f"run.workdir={workdir}",
+        f"run.name={arch}",
+        "tracking.enabled=false",
+        "train.eval_every=0",
+        "train.zero_stage=2",
+    )
+    run_dir = prepare_run_dir(config)
+    run_training(config, shard_dir, run_dir)
+    return config, run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_shard_dir, tiny_bert_shard_dir):
+    """trained_run(arch) -> (config, run_dir, shard_dir): each architecture trained once per session."""
+    runs: dict[str, tuple] = {}
+
+    def get(arch: str):
+        if arch not in runs:
+            shard_dir = tiny_bert_shard_dir if arch == "bert" else tiny_shard_dir
+            runs[arch] = (*train_tiny_run(arch, shard_dir, tmp_path_factory.mktemp(f"run-{arch}")), shard_dir)
+        return runs[arch]
+
+    return get

@@ -58,7 +58,11 @@ def test_build_then_reuse(tmp_path, capsys):
 
     second = build_stage(tmp_path, "demo", "f00", code_version="demo-1", inputs={}, build_fn=_fail_if_called)
     assert second.reused and second.manifest == manifest
-    assert "reusing cached demo f00" in capsys.readouterr().out
+
+    (first.path / "out.txt").unlink()  # a damaged entry is rebuilt, saying why
+    third = build_stage(tmp_path, "demo", "f00", code_version="demo-1", inputs={}, build_fn=_write_files)
+    assert not third.reused and (third.path / "out.txt").is_file()
+    assert "cached demo f00 is damaged (1 file(s) missing, e.g. out.txt); rebuilding it" in capsys.readouterr().out
 
 
 def _fail_if_called(directory):

@@ -1,5 +1,6 @@
 """Checkpoint layout, the `latest` pointer, retention, RNG states and resume checks, in one process
 (a stand-in writes the engine's files; real DeepSpeed checkpoints are tested in test_train.py)."""
+
 from __future__ import annotations
 
 import random
@@ -19,8 +20,9 @@ def fake_engine_save(root, tag):
 
 
 def save(run_dir, step, *, keep=2, rank=0, barrier=lambda: None):
-    return checkpoint.save(run_dir, step, rank=rank, save_engine=fake_engine_save, barrier=barrier,
-                           trainer_state={"step": step}, keep=keep)
+    return checkpoint.save(
+        run_dir, step, rank=rank, save_engine=fake_engine_save, barrier=barrier, trainer_state={"step": step}, keep=keep
+    )
 
 
 def test_layout_and_latest_pointer(tmp_path):
@@ -93,15 +95,26 @@ def test_config_changes_allowed_and_refused(tmp_path):
     _, state, changes = checkpoint.resume_point(tmp_path, resumed)
     assert changes["train.max_steps"] == (100, 200) and changes["train.eval_every"] == (100, 7)
     assert changes["cluster.num_workers"] == (2, 4)
-    for override, key in [("model.n_layers=8", "model.n_layers"), ("tokenizer.min_frequency=3", "tokenizer.min_frequency"),
-                          ("train.zero_stage=3", "train.zero_stage"), ("train.seq_len=128", "train.seq_len")]:
+    for override, key in [
+        ("model.n_layers=8", "model.n_layers"),
+        ("tokenizer.min_frequency=3", "tokenizer.min_frequency"),
+        ("train.zero_stage=3", "train.zero_stage"),
+        ("train.seq_len=128", "train.seq_len"),
+    ]:
         with pytest.raises(ConfigError, match=rf"^{key}: .* a resumed run cannot change it"):
             checkpoint.resume_point(tmp_path, load_config(None, ["train.max_steps=100", override]))
 
 
 def save_with_config(run_dir, config):
-    checkpoint.save(run_dir, 10, rank=0, save_engine=fake_engine_save, barrier=lambda: None, keep=2,
-                    trainer_state={"step": 10, "world_size": 2, "config": config.model_dump(mode="json")})
+    checkpoint.save(
+        run_dir,
+        10,
+        rank=0,
+        save_engine=fake_engine_save,
+        barrier=lambda: None,
+        keep=2,
+        trainer_state={"step": 10, "world_size": 2, "config": config.model_dump(mode="json")},
+    )
 
 
 def test_fingerprint_covers_only_frozen_keys():

@@ -37,22 +37,24 @@ def test_vocab_is_padded_to_the_multiple():
     assert config.model.vocab_size == 50304
 
 
-@pytest.mark.parametrize("overrides, derived", [
-    (["train.micro_batch_size=4", "train.grad_accum_steps=3"], (4, 3, 24)),
-    (["train.micro_batch_size=4", "train.global_batch_size=32"], (4, 4, 32)),
-    (["train.grad_accum_steps=2", "train.global_batch_size=32"], (8, 2, 32)),
-    (["train.global_batch_size=64"], (32, 1, 64)),
-    (["train.micro_batch_size=2", "train.grad_accum_steps=2", "train.global_batch_size=8"], (2, 2, 8)),
-    (["cluster.num_workers=4", "train.micro_batch_size=2", "train.global_batch_size=32"], (2, 4, 32)),
-])
+@pytest.mark.parametrize(
+    "overrides, derived",
+    [
+        (["train.micro_batch_size=4", "train.grad_accum_steps=3"], (4, 3, 24)),
+        (["train.micro_batch_size=4", "train.global_batch_size=32"], (4, 4, 32)),
+        (["train.grad_accum_steps=2", "train.global_batch_size=32"], (8, 2, 32)),
+        (["train.global_batch_size=64"], (32, 1, 64)),
+        (["train.micro_batch_size=2", "train.grad_accum_steps=2", "train.global_batch_size=8"], (2, 2, 8)),
+        (["cluster.num_workers=4", "train.micro_batch_size=2", "train.global_batch_size=32"], (2, 4, 32)),
+    ],
+)
 def test_batch_triple_any_two_given_derives_the_third(overrides, derived):
     t = load_config(None, overrides).train
     assert (t.micro_batch_size, t.grad_accum_steps, t.global_batch_size) == derived
 
 
 def test_inconsistent_batch_triple_is_rejected_with_the_arithmetic():
-    message = error_of(None, ["train.micro_batch_size=2", "train.grad_accum_steps=2",
-                              "train.global_batch_size=10"])
+    message = error_of(None, ["train.micro_batch_size=2", "train.grad_accum_steps=2", "train.global_batch_size=10"])
     assert "train.global_batch_size=10" in message and "= 8" in message
 
 
@@ -98,25 +100,36 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     assert "top level must be a mapping" in error_of(write(tmp_path, "- 1\n- 2\n"))
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("train.lrr=1", "did you mean `train.lr`"),
-    ("nosection.x=1", "must start with one of"),
-    ("train.lr", "must look like section.key=value"),
-    ("data.sources.3.path=x", "needs an index from 0 to 0"),
-    ("model.n_heads=5", "model.n_heads=5 must divide"),
-    ("train.zero_stage=4", "train.zero_stage=4"),
-    ("train.offload_params=true", "needs train.zero_stage=3"),
-    ("train.seq_len=4096", "exceeds model.max_seq_len"),
-    ("tokenizer.vocab_size=100", "at least 264"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lrr=1", "did you mean `train.lr`"),
+        ("nosection.x=1", "must start with one of"),
+        ("train.lr", "must look like section.key=value"),
+        ("data.sources.3.path=x", "needs an index from 0 to 0"),
+        ("model.n_heads=5", "model.n_heads=5 must divide"),
+        ("train.zero_stage=4", "train.zero_stage=4"),
+        ("train.offload_params=true", "needs train.zero_stage=3"),
+        ("train.seq_len=4096", "exceeds model.max_seq_len"),
+        ("tokenizer.vocab_size=100", "at least 264"),
+    ],
+)
 def test_override_errors(override, fragment):
     assert fragment in error_of(None, [override])
 
 
 def test_overrides_parse_yaml_scalars_and_reach_nested_keys():
-    config = load_config(None, ["train.lr=3e-4", "model.n_layers=2", "train.compile=true",
-                                "data.sources.0.path=corpus/*.jsonl", "eval.prompts=[a, b]",
-                                "train.deepspeed.zero_optimization.reduce_bucket_size=1000"])
+    config = load_config(
+        None,
+        [
+            "train.lr=3e-4",
+            "model.n_layers=2",
+            "train.compile=true",
+            "data.sources.0.path=corpus/*.jsonl",
+            "eval.prompts=[a, b]",
+            "train.deepspeed.zero_optimization.reduce_bucket_size=1000",
+        ],
+    )
     assert config.train.lr == 3e-4 and config.model.n_layers == 2 and config.train.compile is True
     assert config.data.sources[0].path == "corpus/*.jsonl"
     assert config.eval.prompts == ["a", "b"]
@@ -136,8 +149,12 @@ def test_resolved_config_round_trips_through_yaml(preset, tmp_path):
 
 
 def test_every_field_has_a_description():
-    missing = [f"{section.__name__}.{name}" for section in Config.model_fields.values()
-               for name, field in section.annotation.model_fields.items() if not field.description]
+    missing = [
+        f"{section.__name__}.{name}"
+        for section in Config.model_fields.values()
+        for name, field in section.annotation.model_fields.items()
+        if not field.description
+    ]
     assert missing == []
 
 
@@ -147,15 +164,18 @@ def test_readme_config_reference_is_current():
     assert begin in readme and end in readme, "README lacks the config reference markers"
     current = readme.split(begin, 1)[1].split(end, 1)[0]
     assert current == config_reference_markdown(), (
-        "README's config reference is stale: regenerate it with `python -m launch.readme`")
+        "README's config reference is stale: regenerate it with `python -m launch.readme`"
+    )
 
 
 def test_config_module_imports_no_heavy_libraries():
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.config; heavy = [m for m in ('torch', 'deepspeed', 'ray', 'mlflow') "
-            "if m in sys.modules]; print(','.join(heavy))")
+    code = (
+        "import sys, pipeline.config; heavy = [m for m in ('torch', 'deepspeed', 'ray', 'mlflow') "
+        "if m in sys.modules]; print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == ""
 

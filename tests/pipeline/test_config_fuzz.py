@@ -6,6 +6,7 @@ the key, and `pretrain config check` reports it as one stderr line with exit cod
 round-trips through YAML. The example tests are in test_config.py; the `@example`s below are the inputs
 that once escaped as raw exceptions, multi-line messages or round-trip mismatches.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,20 +30,43 @@ from pipeline.config import SECTIONS, Config, SourceConfig, dump_config, load_co
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 ROUND_TRIP = settings(FUZZ, max_examples=60)  # three pure-Python YAML loads and dumps per example
 
 SOURCE_KEY = "data.sources.0."
-FIELDS = {f"{section}.{name}": field for section, model in SECTIONS.items()
-          for name, field in model.model_fields.items()}
+FIELDS = {
+    f"{section}.{name}": field for section, model in SECTIONS.items() for name, field in model.model_fields.items()
+}
 FIELDS |= {SOURCE_KEY + name: field for name, field in SourceConfig.model_fields.items()}
 # Values that validators check against each other; valid_raw_configs() draws them together.
-COUPLED = {"tokenizer.vocab_size", "model.vocab_size", "model.max_seq_len", "model.d_model", "model.n_heads",
-           "model.n_kv_heads", "model.position", "model.family", "model.type_vocab_size", "train.seq_len",
-           "train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size", "train.max_steps",
-           "train.max_tokens", "train.warmup_steps", "train.zero_stage", "train.offload_params",
-           "train.offload_optimizer", "cluster.num_workers"}
+COUPLED = {
+    "tokenizer.vocab_size",
+    "model.vocab_size",
+    "model.max_seq_len",
+    "model.d_model",
+    "model.n_heads",
+    "model.n_kv_heads",
+    "model.position",
+    "model.family",
+    "model.type_vocab_size",
+    "train.seq_len",
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.global_batch_size",
+    "train.max_steps",
+    "train.max_tokens",
+    "train.warmup_steps",
+    "train.zero_stage",
+    "train.offload_params",
+    "train.offload_optimizer",
+    "cluster.num_workers",
+}
 NAMES = sorted(set(SECTIONS) | {key.rsplit(".", 1)[1] for key in FIELDS})
 BOOL_WORDS = {"0", "off", "f", "false", "n", "no", "1", "on", "t", "true", "y", "yes"}  # pydantic's
 NAMES_A_KEY = re.compile(r"`[^`]+`|\b(?:" + "|".join(SECTIONS) + r")\b")
@@ -130,7 +154,9 @@ text = st.text(max_size=12)
 letters = st.text(string.ascii_letters, min_size=1, max_size=8)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | text,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3), max_leaves=8)
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+    max_leaves=8,
+)
 collections = st.lists(st.integers(), max_size=2) | st.dictionaries(letters, st.integers(), max_size=2)
 
 
@@ -141,11 +167,19 @@ def valid_values(field) -> st.SearchStrategy:
     if kind is bool:
         values = st.booleans()
     elif kind is int:
-        values = st.integers(min_value=b.get("ge", b["gt"] + 1 if "gt" in b else None),
-                             max_value=b.get("le", b["lt"] - 1 if "lt" in b else None))
+        values = st.integers(
+            min_value=b.get("ge", b["gt"] + 1 if "gt" in b else None),
+            max_value=b.get("le", b["lt"] - 1 if "lt" in b else None),
+        )
     elif kind is float:
-        values = st.floats(min_value=b.get("ge", b.get("gt")), max_value=b.get("le", b.get("lt")),
-                           exclude_min="gt" in b, exclude_max="lt" in b, allow_nan=False, allow_infinity=False)
+        values = st.floats(
+            min_value=b.get("ge", b.get("gt")),
+            max_value=b.get("le", b.get("lt")),
+            exclude_min="gt" in b,
+            exclude_max="lt" in b,
+            allow_nan=False,
+            allow_infinity=False,
+        )
     elif kind is str:
         values = text
     elif get_origin(kind) is Literal:
@@ -170,8 +204,12 @@ def wrong_values(field) -> st.SearchStrategy:
     if kind is str:
         return st.integers() | st.floats() | st.booleans() | collections | nothing
     if kind is bool:
-        return (letters.filter(lambda s: s.lower() not in BOOL_WORDS) | collections | nothing
-                | st.integers().filter(lambda i: i not in (0, 1)))
+        return (
+            letters.filter(lambda s: s.lower() not in BOOL_WORDS)
+            | collections
+            | nothing
+            | st.integers().filter(lambda i: i not in (0, 1))
+        )
     if get_origin(kind) is Literal:
         options = get_args(kind)
         if isinstance(options[0], int):
@@ -202,10 +240,13 @@ def out_of_range(field) -> st.SearchStrategy:
     return st.one_of(options)
 
 
-sources = st.fixed_dictionaries({"path": text}, optional={
-    name: valid_values(field) for name, field in SourceConfig.model_fields.items() if name != "path"})
-BOUNDED = sorted(key for key, field in FIELDS.items()
-                 if bounds(field) and describe(field.annotation)[0] in (int, float))
+sources = st.fixed_dictionaries(
+    {"path": text},
+    optional={name: valid_values(field) for name, field in SourceConfig.model_fields.items() if name != "path"},
+)
+BOUNDED = sorted(
+    key for key, field in FIELDS.items() if bounds(field) and describe(field.annotation)[0] in (int, float)
+)
 
 
 def divisors(n: int) -> list[int]:
@@ -215,9 +256,19 @@ def divisors(n: int) -> list[int]:
 @st.composite
 def valid_raw_configs(draw) -> dict[str, Any]:
     """A raw mapping that must load: free fields drawn alone, coupled ones drawn to agree."""
-    raw = {section: draw(st.fixed_dictionaries({}, optional={
-        name: valid_values(field) for name, field in model.model_fields.items()
-        if f"{section}.{name}" not in COUPLED})) for section, model in SECTIONS.items()}
+    raw = {
+        section: draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    name: valid_values(field)
+                    for name, field in model.model_fields.items()
+                    if f"{section}.{name}" not in COUPLED
+                },
+            )
+        )
+        for section, model in SECTIONS.items()
+    }
     tok, model, train = raw["tokenizer"], raw["model"], raw["train"]
     tok["vocab_size"] = draw(st.integers(264, 70_000))
     model["vocab_size"] = draw(st.none() | st.integers(tok["vocab_size"], tok["vocab_size"] + 999))
@@ -251,25 +302,79 @@ def valid_raw_configs(draw) -> dict[str, Any]:
     return raw
 
 
-YAML_SCALARS = ["1", "0", "-1", "1.5", "1e3", "1.0e+3", ".inf", ".nan", "true", "no", "null", "~", "''", "x",
-                "gpt", "rope", "[]", "{}", "[1, 2]", "{a: 1}", "[{path: x}]", "2020-01-01", "!!binary aGk=",
-                "&a [1]", "*a", "|", ">", "'", '"', "[", "{", "!!python/name:os.system", "0x10", "1_000", "\t",
-                "!!set {a}", "? [a]", "\x07", "\x85", "\u2028", "\ud800"]
+YAML_SCALARS = [
+    "1",
+    "0",
+    "-1",
+    "1.5",
+    "1e3",
+    "1.0e+3",
+    ".inf",
+    ".nan",
+    "true",
+    "no",
+    "null",
+    "~",
+    "''",
+    "x",
+    "gpt",
+    "rope",
+    "[]",
+    "{}",
+    "[1, 2]",
+    "{a: 1}",
+    "[{path: x}]",
+    "2020-01-01",
+    "!!binary aGk=",
+    "&a [1]",
+    "*a",
+    "|",
+    ">",
+    "'",
+    '"',
+    "[",
+    "{",
+    "!!python/name:os.system",
+    "0x10",
+    "1_000",
+    "\t",
+    "!!set {a}",
+    "? [a]",
+    "\x07",
+    "\x85",
+    "\u2028",
+    "\ud800",
+]
 scalar_texts = st.sampled_from(YAML_SCALARS) | st.text(max_size=6)
 keyish = st.sampled_from(NAMES) | st.text(max_size=5)
-yaml_lines = st.tuples(st.sampled_from(["", "  ", "    ", "- ", "  - "]), keyish, st.sampled_from([": ", ":", " "]),
-                       scalar_texts).map("".join)
+yaml_lines = st.tuples(
+    st.sampled_from(["", "  ", "    ", "- ", "  - "]), keyish, st.sampled_from([": ", ":", " "]), scalar_texts
+).map("".join)
 yaml_texts = st.lists(yaml_lines, max_size=8).map("\n".join) | st.text(max_size=40)
 
 segments = st.sampled_from(NAMES + ["0", "1", "3", "-1", "²", "", " ", "zero_optimization"]) | st.text(max_size=4)
 override_texts = st.builds(
     lambda first, rest, sep, value: ".".join([first, *rest]) + sep + value,
-    st.sampled_from(list(SECTIONS)) | segments, st.lists(segments, max_size=3),
-    st.sampled_from(["=", "=", " = ", ""]), scalar_texts) | st.text(max_size=20)
+    st.sampled_from(list(SECTIONS)) | segments,
+    st.lists(segments, max_size=3),
+    st.sampled_from(["=", "=", " = ", ""]),
+    scalar_texts,
+) | st.text(max_size=20)
 # Files whose shapes overrides must step around (a section or list that is not one).
-ODD_FILES = ["", "{}\n", "train: 5\n", "train: [1]\n", "run:\n", "data: {sources: [5]}\n", "data: {sources: foo}\n",
-             "data: {sources: []}\n", "train: {deepspeed: {a: 5}}\n", "train: {deepspeed: [1]}\n",
-             "eval: {prompts: []}\n", "model: {n_layers: {a: 1}}\n"]
+ODD_FILES = [
+    "",
+    "{}\n",
+    "train: 5\n",
+    "train: [1]\n",
+    "run:\n",
+    "data: {sources: [5]}\n",
+    "data: {sources: foo}\n",
+    "data: {sources: []}\n",
+    "train: {deepspeed: {a: 5}}\n",
+    "train: {deepspeed: [1]}\n",
+    "eval: {prompts: []}\n",
+    "model: {n_layers: {a: 1}}\n",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +396,7 @@ def test_valid_configs_load_and_round_trip_through_yaml(raw, config_dir):
 @given(raw=valid_raw_configs())
 def test_overrides_set_the_same_values_as_the_file(raw, config_dir):
     raw["run"]["name"] = raw["run"].get("name") or "exp"
-    overrides = [f"{section}.{name}={flow(value)}" for section, values in raw.items()
-                 for name, value in values.items()]
+    overrides = [f"{section}.{name}={flow(value)}" for section, values in raw.items() for name, value in values.items()]
     assert load_config(None, overrides) == load_config(write_yaml(config_dir, raw))
 
 
@@ -323,8 +427,9 @@ def test_out_of_range_values_name_key_and_value(data, config_dir):
         key, value = "train.lr", float("inf")
     else:
         key = data.draw(st.sampled_from(BOUNDED + ["tokenizer.vocab_size"]), label="key")
-        value = data.draw(st.integers(max_value=263) if key == "tokenizer.vocab_size"
-                          else out_of_range(FIELDS[key]), label="value")
+        value = data.draw(
+            st.integers(max_value=263) if key == "tokenizer.vocab_size" else out_of_range(FIELDS[key]), label="value"
+        )
     message = error_of(write_yaml(config_dir, place(key, value)))
     assert f"{key}=" in message
 
@@ -334,8 +439,10 @@ def test_empty_source_list_is_rejected():
 
 
 @FUZZ
-@given(level=st.sampled_from(["", "train.", "model.", "data.sources.0.", "eval."]),
-       key=st.text(min_size=1, max_size=10) | st.integers() | st.booleans() | st.none() | st.floats(0, 9))
+@given(
+    level=st.sampled_from(["", "train.", "model.", "data.sources.0.", "eval."]),
+    key=st.text(min_size=1, max_size=10) | st.integers() | st.booleans() | st.none() | st.floats(0, 9),
+)
 @example(level="", key="a\nb").via("a newline in a YAML key made a two-line message")
 @example(level="train.", key=1).via("int key: `Keys should be strings` did not say `unknown key`")
 @example(level="", key="\ud800").via("surrogate key: a message that named no key")
@@ -357,7 +464,7 @@ def test_unknown_keys_are_named(level, key, config_dir):
 def test_misspelt_keys_get_a_suggestion(key, data, config_dir):
     name = key.rsplit(".", 1)[1]
     cut = data.draw(st.integers(0, len(name) - 1))
-    typo = name[:cut] + name[cut + 1:]
+    typo = name[:cut] + name[cut + 1 :]
     parent = key.rsplit(".", 1)[0]
     if f"{parent}.{typo}" in FIELDS:
         return
@@ -370,11 +477,18 @@ def test_misspelt_keys_get_a_suggestion(key, data, config_dir):
 
 
 @FUZZ
-@given(micro=st.none() | st.integers(1, 16), accum=st.none() | st.integers(1, 8),
-       glob=st.none() | st.integers(1, 256), dp=st.integers(1, 8))
+@given(
+    micro=st.none() | st.integers(1, 16),
+    accum=st.none() | st.integers(1, 8),
+    glob=st.none() | st.integers(1, 256),
+    dp=st.integers(1, 8),
+)
 def test_batch_triple_is_derived_or_rejected_naming_the_global_batch(micro, accum, glob, dp):
-    overrides = [f"cluster.num_workers={dp}"] + [f"train.{key}={value}" for key, value in (
-        ("micro_batch_size", micro), ("grad_accum_steps", accum), ("global_batch_size", glob)) if value]
+    overrides = [f"cluster.num_workers={dp}"] + [
+        f"train.{key}={value}"
+        for key, value in (("micro_batch_size", micro), ("grad_accum_steps", accum), ("global_batch_size", glob))
+        if value
+    ]
     if glob is None:
         expected = ((micro or 8), (accum or 1), (micro or 8) * (accum or 1) * dp)
     elif micro and accum:
@@ -391,15 +505,29 @@ def test_batch_triple_is_derived_or_rejected_naming_the_global_batch(micro, accu
 
 
 @FUZZ
-@given(d_model=st.integers(1, 96), n_heads=st.integers(1, 12), n_kv=st.none() | st.integers(1, 12),
-       position=st.sampled_from(["learned", "rope"]), family=st.sampled_from(["gpt", "bert"]),
-       type_vocab=st.sampled_from([0, 0, 2]))
+@given(
+    d_model=st.integers(1, 96),
+    n_heads=st.integers(1, 12),
+    n_kv=st.none() | st.integers(1, 12),
+    position=st.sampled_from(["learned", "rope"]),
+    family=st.sampled_from(["gpt", "bert"]),
+    type_vocab=st.sampled_from([0, 0, 2]),
+)
 def test_model_shapes_are_checked_naming_the_key(d_model, n_heads, n_kv, position, family, type_vocab):
-    overrides = [f"model.d_model={d_model}", f"model.n_heads={n_heads}", f"model.n_kv_heads={flow(n_kv)}",
-                 f"model.position={position}", f"model.family={family}", f"model.type_vocab_size={type_vocab}"]
-    problems = [("model.n_heads", d_model % n_heads), ("model.n_kv_heads", n_heads % (n_kv or n_heads)),
-                ("model.position", position == "rope" and d_model // n_heads % 2),
-                ("model.type_vocab_size", type_vocab and family != "bert")]
+    overrides = [
+        f"model.d_model={d_model}",
+        f"model.n_heads={n_heads}",
+        f"model.n_kv_heads={flow(n_kv)}",
+        f"model.position={position}",
+        f"model.family={family}",
+        f"model.type_vocab_size={type_vocab}",
+    ]
+    problems = [
+        ("model.n_heads", d_model % n_heads),
+        ("model.n_kv_heads", n_heads % (n_kv or n_heads)),
+        ("model.position", position == "rope" and d_model // n_heads % 2),
+        ("model.type_vocab_size", type_vocab and family != "bert"),
+    ]
     first = next((key for key, bad in problems if bad), None)
     if first is None:
         assert load_config(None, overrides).model.d_model == d_model
@@ -408,20 +536,34 @@ def test_model_shapes_are_checked_naming_the_key(d_model, n_heads, n_kv, positio
 
 
 @FUZZ
-@given(max_seq_len=st.integers(1, 64), seq_len=st.none() | st.integers(1, 80),
-       steps=st.none() | st.integers(1, 50), tokens=st.none() | st.integers(1, 50_000),
-       warmup=st.integers(0, 60))
+@given(
+    max_seq_len=st.integers(1, 64),
+    seq_len=st.none() | st.integers(1, 80),
+    steps=st.none() | st.integers(1, 50),
+    tokens=st.none() | st.integers(1, 50_000),
+    warmup=st.integers(0, 60),
+)
 @example(max_seq_len=64, seq_len=None, steps=None, tokens=100, warmup=0).via(
-    "max_tokens under one step loaded as max_steps=1, whose dump then failed to load")
+    "max_tokens under one step loaded as max_steps=1, whose dump then failed to load"
+)
 def test_budget_is_derived_or_rejected_naming_the_key(max_seq_len, seq_len, steps, tokens, warmup):
-    overrides = [f"model.max_seq_len={max_seq_len}", f"train.seq_len={flow(seq_len)}",
-                 f"train.max_steps={flow(steps)}", f"train.max_tokens={flow(tokens)}",
-                 f"train.warmup_steps={warmup}", "train.micro_batch_size=2", "cluster.num_workers=1"]
+    overrides = [
+        f"model.max_seq_len={max_seq_len}",
+        f"train.seq_len={flow(seq_len)}",
+        f"train.max_steps={flow(steps)}",
+        f"train.max_tokens={flow(tokens)}",
+        f"train.warmup_steps={warmup}",
+        "train.micro_batch_size=2",
+        "cluster.num_workers=1",
+    ]
     per_step = 2 * (seq_len or max_seq_len)
     derived = steps or (tokens // per_step if tokens else 1000)
-    problems = [("train.seq_len", (seq_len or 0) > max_seq_len), ("train.max_tokens", tokens and tokens < per_step),
-                ("train.max_steps", steps and tokens and tokens // per_step != steps),
-                ("train.warmup_steps", warmup > derived)]
+    problems = [
+        ("train.seq_len", (seq_len or 0) > max_seq_len),
+        ("train.max_tokens", tokens and tokens < per_step),
+        ("train.max_steps", steps and tokens and tokens // per_step != steps),
+        ("train.warmup_steps", warmup > derived),
+    ]
     first = next((key for key, bad in problems if bad), None)
     if first is None:
         assert load_config(None, overrides).train.max_steps == derived
@@ -452,13 +594,15 @@ def test_any_yaml_text_loads_and_round_trips_or_fails_in_one_line(content, confi
 yaml_data = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6) | st.dates() | st.binary(max_size=4),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keyish | st.integers(), inner, max_size=3),
-    max_leaves=10)
+    max_leaves=10,
+)
 
 
 @FUZZ
 @given(raw=st.dictionaries(st.sampled_from(list(SECTIONS)) | keyish, yaml_data, max_size=4))
 @example(raw={"train": {"deepspeed": {"when": __import__("datetime").date(2020, 1, 1)}}}).via(
-    "a date in train.deepspeed loaded but dumped as a string")
+    "a date in train.deepspeed loaded but dumped as a string"
+)
 @example(raw={"train": {"deepspeed": {"a": {1: 2}}}}).via("a non-string deepspeed key did not round-trip")
 def test_any_mapping_loads_and_round_trips_or_names_a_key(raw, config_dir):
     result = load_or_error(write_yaml(config_dir, raw))
@@ -512,15 +656,24 @@ def test_config_check_prints_one_line_and_exits_2(content, overrides, config_dir
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and "traceback" not in err.lower()
 
 
-@pytest.mark.parametrize("content, override", [
-    (b"train:\n  lr: \xff\n", "model.n_layers=2"),
-    (b"model: {}\n", "train.l\nr=\x07"),
-    (b"train: 5\n", "train.lr.x=1"),
-], ids=["not-utf8", "newline-and-bell", "section-not-a-mapping"])
+@pytest.mark.parametrize(
+    "content, override",
+    [
+        (b"train:\n  lr: \xff\n", "model.n_layers=2"),
+        (b"model: {}\n", "train.l\nr=\x07"),
+        (b"train: 5\n", "train.lr.x=1"),
+    ],
+    ids=["not-utf8", "newline-and-bell", "section-not-a-mapping"],
+)
 def test_config_check_process_reports_one_line(content, override, tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_bytes(content)
-    out = subprocess.run([sys.executable, "-m", "launch.cli", "config", "check", str(path), override],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "config", "check", str(path), override],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("error: "), out.stderr

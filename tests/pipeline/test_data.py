@@ -27,8 +27,16 @@ def gpt_loader(shard_dir, split="train", **overrides):
 
 def bert_loader(shard_dir, **overrides):
     ids = special_token_ids(shard_dir / "tokenizer", "bert")
-    settings = dict(family="bert", seq_len=64, micro_batch_size=8, rank=0, world_size=1, seed=3,
-                    mask_token_id=ids.mask, special_token_ids=ids.all)
+    settings = dict(
+        family="bert",
+        seq_len=64,
+        micro_batch_size=8,
+        rank=0,
+        world_size=1,
+        seed=3,
+        mask_token_id=ids.mask,
+        special_token_ids=ids.all,
+    )
     return BatchLoader(TokenDataset(shard_dir), **{**settings, **overrides})
 
 
@@ -54,9 +62,9 @@ def test_gpt_batches_are_shifted_windows_of_the_stream(tiny_shard_dir):
         batch = loader.next_batch()
         assert batch["input_ids"].shape == (3, 100) and batch["input_ids"].dtype == torch.int64
         first = step * 3 * 100
-        assert torch.equal(batch["input_ids"][0], torch.from_numpy(tokens[first:first + 100].astype(np.int64)))
+        assert torch.equal(batch["input_ids"][0], torch.from_numpy(tokens[first : first + 100].astype(np.int64)))
         assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
-        assert torch.equal(batch["labels"][2], torch.from_numpy(tokens[first + 201:first + 301].astype(np.int64)))
+        assert torch.equal(batch["labels"][2], torch.from_numpy(tokens[first + 201 : first + 301].astype(np.int64)))
 
 
 def test_ranks_take_disjoint_slices_of_the_global_batch(tiny_shard_dir):
@@ -65,8 +73,7 @@ def test_ranks_take_disjoint_slices_of_the_global_batch(tiny_shard_dir):
     for _ in range(5):
         expected = whole.next_batch()["input_ids"]
         assert torch.equal(torch.cat([loader.next_batch()["input_ids"] for loader in ranks]), expected)
-    assert all(loader.state_dict() == whole.state_dict() == {"epoch": 0, "samples_consumed": 60}
-               for loader in ranks)
+    assert all(loader.state_dict() == whole.state_dict() == {"epoch": 0, "samples_consumed": 60} for loader in ranks)
 
 
 def test_an_epoch_over_all_ranks_covers_every_window_once(tiny_shard_dir):

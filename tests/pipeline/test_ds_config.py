@@ -1,5 +1,6 @@
 """The DeepSpeed config derived from the `train` section: a pure function, checked without deepspeed
 (and once against DeepSpeed's own config parser)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -20,15 +21,21 @@ def derive(*overrides: str, **kwargs):
 
 def test_batch_sizes_come_from_the_resolved_config():
     ds = derive("train.global_batch_size=64", "train.micro_batch_size=4", "cluster.num_workers=4")
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 4, 64)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        4,
+        4,
+        64,
+    )
 
 
 def test_zero0_fp32_uses_torch_adamw_and_no_zero_extras():
     ds = derive("train.zero_stage=0", "train.grad_clip=0.5", "train.lr=3e-4", "train.beta2=0.99")
     assert ds["zero_optimization"] == {"stage": 0}
     assert ds["gradient_clipping"] == 0.5 and "bf16" not in ds and "fp16" not in ds
-    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.99], "eps": 1e-8,
-                                                           "weight_decay": 0.1, "torch_adam": True}}
+    assert ds["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 3e-4, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True},
+    }
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -66,8 +73,11 @@ def test_universal_loading_is_opt_in():
 
 def test_raw_overrides_merge_and_warn_per_key():
     with pytest.warns(UserWarning) as warnings:
-        ds = derive("train.zero_stage=2", "train.deepspeed={zero_optimization: {reduce_bucket_size: 1000, "
-                    "round_robin_gradients: true}, gradient_clipping: 2.0}")
+        ds = derive(
+            "train.zero_stage=2",
+            "train.deepspeed={zero_optimization: {reduce_bucket_size: 1000, "
+            "round_robin_gradients: true}, gradient_clipping: 2.0}",
+        )
     assert ds["zero_optimization"]["reduce_bucket_size"] == 1000 and ds["zero_optimization"]["stage"] == 2
     assert ds["zero_optimization"]["round_robin_gradients"] is True and ds["gradient_clipping"] == 2.0
     messages = sorted(str(w.message) for w in warnings)
@@ -81,11 +91,15 @@ def test_module_does_not_import_deepspeed():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["train.zero_stage=0"], ["train.zero_stage=1", "train.precision=bf16"],
-    ["train.zero_stage=2", "train.precision=fp16", "train.grad_accum_steps=4"],
-    ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.zero_stage=0"],
+        ["train.zero_stage=1", "train.precision=bf16"],
+        ["train.zero_stage=2", "train.precision=fp16", "train.grad_accum_steps=4"],
+        ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true"],
+    ],
+)
 def test_deepspeed_accepts_the_config(overrides):
     from deepspeed.runtime.config import DeepSpeedConfig
 

@@ -1,5 +1,6 @@
 """The engine wrapper's pure parts: LR schedule, weight-decay groups, activation checkpointing.
 (DeepSpeed engines, checkpoints and fp32 consolidation run in tests/pipeline/test_train.py.)"""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """The eval stage on tiny models: bits per byte on a case with a known answer, the report files,
 seeded samples, BERT fill-mask, and lm-evaluation-harness on a local task, offline."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.errors import ExportError
 from pipeline.evaluate import (
     bits_per_byte,
     evaluate,
@@ -17,12 +19,11 @@ from pipeline.evaluate import (
     merge_lm_eval,
     write_report,
 )
-from pipeline.errors import ExportError
 from pipeline.export import export_model
 from pipeline.harness import run_lm_eval
 from pipeline.modeling import build_model
 from pipeline.tokenizer import load_tokenizer
-from tests.pipeline.test_export import random_model, tiny_config, trained_run  # noqa: F401 (a fixture)
+from tests.pipeline.test_export import random_model, tiny_config
 
 LM_EVAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
 TINY_TASK = "pretrain_tiny_mc"
@@ -36,8 +37,9 @@ def test_bits_per_byte_converts_nats_per_token():
 def test_bits_per_byte_of_a_uniform_model_over_the_whole_val_split(tiny_shard_dir, tmp_path):
     """All-zero weights give all-zero logits: every token costs ln(vocab) nats, so bits per byte is
     log2(vocab) x tokens / bytes of the val split, read here straight from index.json."""
-    config = tiny_config("gpt2", "train.seq_len=64", "train.micro_batch_size=16", "eval.batches=100000",
-                         "eval.max_new_tokens=2")
+    config = tiny_config(
+        "gpt2", "train.seq_len=64", "train.micro_batch_size=16", "eval.batches=100000", "eval.max_new_tokens=2"
+    )
     model = build_model(config)
     with torch.no_grad():
         for param in model.parameters():
@@ -72,8 +74,9 @@ def test_gpt_report_files_and_seeded_samples(tiny_shard_dir, tmp_path):
 
 def test_bert_report_has_mlm_accuracy_and_fill_mask_examples(tiny_bert_shard_dir, tmp_path):
     config = tiny_config("bert", "eval.batches=2", "eval.prompts=['import os\nprint(os.getcwd())']")
-    report = evaluate(config, random_model(config), load_tokenizer(tiny_bert_shard_dir / "tokenizer"),
-                      tiny_bert_shard_dir, tmp_path)
+    report = evaluate(
+        config, random_model(config), load_tokenizer(tiny_bert_shard_dir / "tokenizer"), tiny_bert_shard_dir, tmp_path
+    )
     assert set(report["metrics"]) == {"val_loss", "perplexity", "mlm_accuracy"}
     assert 0 <= report["metrics"]["mlm_accuracy"] <= 1
     assert 0 < report["validation"]["scored_tokens"] < 2 * 4 * 32  # masked positions only
@@ -91,9 +94,22 @@ def test_lm_eval_runs_a_local_task_offline(tiny_shard_dir, tmp_path, monkeypatch
     scores = run_lm_eval(export_dir, [TINY_TASK], include_path=LM_EVAL_TASKS)
     assert 0 <= scores[TINY_TASK]["acc"] <= 1
     assert scores[TINY_TASK]["samples"] == TINY_TASK_DOCUMENTS
-    report = {"run": "r", "family": "gpt", "metrics": {}, "validation": {"batches": 1, "windows": 1,
-              "split_windows": 1, "seq_len": 1, "scored_tokens": 1, "loss": 1.0, "perplexity": math.e},
-              "sampling": {"seed": 1}, "samples": []}
+    report = {
+        "run": "r",
+        "family": "gpt",
+        "metrics": {},
+        "validation": {
+            "batches": 1,
+            "windows": 1,
+            "split_windows": 1,
+            "seq_len": 1,
+            "scored_tokens": 1,
+            "loss": 1.0,
+            "perplexity": math.e,
+        },
+        "sampling": {"seed": 1},
+        "samples": [],
+    }
     merge_lm_eval(report, scores)
     assert report["metrics"][f"lm_eval/{TINY_TASK}/acc"] == scores[TINY_TASK]["acc"]
     write_report(tmp_path, report)
@@ -112,8 +128,9 @@ def test_evaluate_run_on_a_trained_checkpoint_with_lm_eval(trained_run):
     config, run_dir, shard_dir = trained_run("gpt2")
     config = config.model_copy(deep=True)
     config.eval.batches, config.eval.max_new_tokens = 4, 8
-    report = evaluate_run(config, run_dir, shard_dir, shard_dir / "tokenizer", lm_eval_tasks=[TINY_TASK],
-                          lm_eval_include=LM_EVAL_TASKS)
+    report = evaluate_run(
+        config, run_dir, shard_dir, shard_dir / "tokenizer", lm_eval_tasks=[TINY_TASK], lm_eval_include=LM_EVAL_TASKS
+    )
     assert (report["checkpoint"], report["step"]) == ("step-00000002", 2)
     assert json.loads((run_dir / "eval" / "report.json").read_text())["checkpoint"] == "step-00000002"
     assert 0 <= report["metrics"][f"lm_eval/{TINY_TASK}/acc"] <= 1

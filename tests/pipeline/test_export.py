@@ -2,6 +2,7 @@
 
 In-memory tests use randomly initialized tiny models with the tokenizer of the shard fixtures; the
 slow tests export real checkpoints of 2-step training runs."""
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,29 @@ from pipeline.tokenizer import load_tokenizer, special_token_ids
 
 os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-TINY_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64",
-              "tokenizer.vocab_size=512", "train.seq_len=32", "train.micro_batch_size=4", "train.max_steps=2",
-              "train.warmup_steps=0", "cluster.num_workers=1"]
+TINY_MODEL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.max_seq_len=64",
+    "tokenizer.vocab_size=512",
+    "train.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.max_steps=2",
+    "train.warmup_steps=0",
+    "cluster.num_workers=1",
+]
 ARCHITECTURES = {
     "gpt2": ["model.family=gpt"],
-    "llama": ["model.family=gpt", "model.position=rope", "model.norm=rmsnorm", "model.activation=swiglu",
-              "model.n_kv_heads=2", "model.bias=false", "model.tie_embeddings=false"],
+    "llama": [
+        "model.family=gpt",
+        "model.position=rope",
+        "model.norm=rmsnorm",
+        "model.activation=swiglu",
+        "model.n_kv_heads=2",
+        "model.bias=false",
+        "model.tie_embeddings=false",
+    ],
     "bert": ["model.family=bert", "model.norm_position=post", "model.gelu_approximate=none"],
 }
 HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
@@ -61,7 +78,7 @@ def assert_greedy_generation_matches(model, export_dir, tokenizer_dir, *, varied
     ours = model.generate(ids, max_new_tokens=24, temperature=0, eos_token_id=separator)
     theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
     assert theirs.tolist() == ours.tolist()
-    assert len(set(ours[0, ids.shape[1]:].tolist())) > 1 or not varied
+    assert len(set(ours[0, ids.shape[1] :].tolist())) > 1 or not varied
     assert_close(hf_model(ids).logits, model(ids).logits)
     return hf_model
 
@@ -71,7 +88,9 @@ def test_causal_export_round_trip_generates_the_same_tokens(arch, tiny_shard_dir
     config = tiny_config(arch)
     model = random_model(config)
     export_dir = export_model(model, tiny_shard_dir / "tokenizer", tmp_path / "hf", generation=config.eval)
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(os.listdir(export_dir))
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(
+        os.listdir(export_dir)
+    )
     assert "manifest.json" not in os.listdir(export_dir)
     hf_model = assert_greedy_generation_matches(model, export_dir, tiny_shard_dir / "tokenizer", varied=True)
     assert type(hf_model).__name__ == HF_CLASS[arch]
@@ -96,8 +115,9 @@ def test_bert_export_round_trip_gives_the_same_mlm_logits(tiny_bert_shard_dir, t
     assert_close(hf_model(input_ids=ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("override, key", [("model.position=sinusoidal", "model.position"),
-                                           ("model.norm=rmsnorm", "model.norm")])
+@pytest.mark.parametrize(
+    "override, key", [("model.position=sinusoidal", "model.position"), ("model.norm=rmsnorm", "model.norm")]
+)
 def test_models_without_a_hf_equivalent_are_refused_naming_the_key(override, key, tiny_shard_dir, tmp_path):
     config = tiny_config("gpt2", override)
     with pytest.raises(ExportError, match=key):
@@ -134,35 +154,7 @@ def test_missing_or_incomplete_checkpoints_are_named(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# From a real training run
-
-
-def train_tiny_run(arch: str, shard_dir, workdir):
-    """A 2-step ZeRO-2 training run (one worker, tracking off) -> (config, run_dir)."""
-    from pipeline.train import run_training
-
-    config = tiny_config(arch, f"run.workdir={workdir}", f"run.name={arch}", "tracking.enabled=false",
-                         "train.eval_every=0", "train.zero_stage=2")
-    run_dir = workdir / "runs" / arch
-    run_training(config, shard_dir, run_dir)
-    return config, run_dir
-
-
-# Module-level: test_evaluate imports the fixture, which makes it a second fixture with its own cache.
-_TRAINED_RUNS: dict[str, tuple] = {}
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_shard_dir, tiny_bert_shard_dir):
-    """trained_run(arch) -> (config, run_dir, shard_dir): each architecture trained once per session."""
-    def get(arch: str):
-        if arch not in _TRAINED_RUNS:
-            shard_dir = tiny_bert_shard_dir if arch == "bert" else tiny_shard_dir
-            run = train_tiny_run(arch, shard_dir, tmp_path_factory.mktemp(f"run-{arch}"))
-            _TRAINED_RUNS[arch] = (*run, shard_dir)
-        return _TRAINED_RUNS[arch]
-
-    return get
+# From a real training run (the trained_run fixture: tests/pipeline/conftest.py)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ into a copy of the tiny BERT shards, on rank 1 only (the ranks must agree on the
 References are trained in one torchrun launch (see tests/pipeline/test_train.py), and the comparisons
 are bit for bit: fp32 on CPU is deterministic.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,13 @@ from tests.pipeline.test_train import TINY, figures, losses, make_run_dir, torch
 
 pytestmark = pytest.mark.timeout(900)
 
-BERT = ["model.family=bert", "model.norm_position=post", "train.eval_every=0", "train.max_steps=12",
-        "train.keep_checkpoints=5"]
+BERT = [
+    "model.family=bert",
+    "model.norm_position=post",
+    "train.eval_every=0",
+    "train.max_steps=12",
+    "train.keep_checkpoints=5",
+]
 # Poisoned steps: 6 is skipped (1 bad step allowed), 10 is one too many -> back to the step-8 checkpoint.
 POISONED_STEPS = (6, 10)
 SKIP_ONE = [*BERT, "train.checkpoint_every=4", "train.max_bad_steps=1"]
@@ -69,15 +75,17 @@ def poison_shards(shard_dir: Path, out: Path, steps: tuple[int, ...], overrides:
     config = load_config(None, [*TINY, *overrides])
     t, dataset = config.train, TokenDataset(out, "train")
     windows = windows_per_source(dataset, t.seq_len, t.seq_len)  # BERT windows: seq_len tokens
-    table = epoch_sample_table(windows, target_counts(windows, dataset.weights, dataset.source_names()),
-                               config.run.seed, 0, True)
+    table = epoch_sample_table(
+        windows, target_counts(windows, dataset.weights, dataset.source_names()), config.run.seed, 0, True
+    )
     offsets = np.concatenate([[0], np.cumsum(windows)])
     for step in steps:
         first = (step - 1) * SAMPLES_PER_STEP + t.micro_batch_size  # rank 1's half of the step
-        for window in table[first:first + t.micro_batch_size]:
+        for window in table[first : first + t.micro_batch_size]:
             source = int(np.searchsorted(offsets, window, side="right")) - 1
-            _overwrite(dataset, source, int(window - offsets[source]) * t.seq_len, t.seq_len,
-                       dataset.index["separator_id"])
+            _overwrite(
+                dataset, source, int(window - offsets[source]) * t.seq_len, t.seq_len, dataset.index["separator_id"]
+            )
     index = json.loads((out / "index.json").read_text())
     for shard in index["splits"]["train"]["shards"]:
         shard["sha256"] = file_sha256(out / shard["file"])
@@ -91,7 +99,7 @@ def _overwrite(dataset: TokenDataset, source: int, start: int, length: int, toke
         low, high = max(start, stream.starts[shard]), min(start + length, stream.starts[shard + 1])
         if low < high:
             tokens = np.memmap(path, dtype=stream.dtype, mode="r+")
-            tokens[low - stream.starts[shard]:high - stream.starts[shard]] = token
+            tokens[low - stream.starts[shard] : high - stream.starts[shard]] = token
             tokens.flush()
 
 
@@ -197,9 +205,11 @@ def kill_a_training_worker(run_dir: Path, killed: list[int]) -> None:
     """Two steps after the first checkpoint, SIGKILL one Ray Train worker of this test's own Ray (the
     test process's descendants: other Ray instances on the machine are not touched)."""
     deadline = time.monotonic() + 300
-    while not (rundir.checkpoints_dir(run_dir) / rundir.LATEST).exists() or \
-            max(losses(run_dir), default=0) < rundir.read_trainer_state(rundir.checkpoints_dir(run_dir) /
-                                                                           rundir.latest_tag(run_dir))["step"] + 2:
+    while (
+        not (rundir.checkpoints_dir(run_dir) / rundir.LATEST).exists()
+        or max(losses(run_dir), default=0)
+        < rundir.read_trainer_state(rundir.checkpoints_dir(run_dir) / rundir.latest_tag(run_dir))["step"] + 2
+    ):
         if time.monotonic() > deadline:
             return
         time.sleep(0.01)
@@ -267,8 +277,9 @@ def freeze_while_writing(process: subprocess.Popen, run_dir: Path) -> tuple[Path
 @pytest.mark.slow
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(trained, tiny_shard_dir, tmp_path):
     run_dir = make_run_dir(tmp_path / "run", CRASH_RUN)
-    process = torchrun(2, ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)],
-                       tmp_path / "tmp")
+    process = torchrun(
+        2, ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)], tmp_path / "tmp"
+    )
     partial, processes = freeze_while_writing(process, run_dir)
     for p in processes:
         p.kill()
@@ -315,16 +326,19 @@ def test_zero2_skips_and_rolls_back_like_zero0(trained):
     """At ZeRO 2 DeepSpeed's own overflow check skips the step; at ZeRO 0 pipeline/engine.py does."""
     zero0, zero2 = trained["poisoned"], trained["poisoned_zero2"]
     test_train.assert_close(losses(zero2), losses(zero0), rel=1e-5)
-    assert [r["metrics"].get("train/rollbacks") for r in records(zero2)] == \
-        [r["metrics"].get("train/rollbacks") for r in records(zero0)]
+    assert [r["metrics"].get("train/rollbacks") for r in records(zero2)] == [
+        r["metrics"].get("train/rollbacks") for r in records(zero0)
+    ]
 
 
 @pytest.mark.slow
 def test_too_many_bad_steps_without_a_checkpoint_fail_clearly(poisoned, tmp_path):
     run_dir = make_run_dir(tmp_path / "run", [*BERT, "train.checkpoint_every=0", "train.max_bad_steps=0"])
     output = failing_run(run_dir, poisoned, tmp_path / "tmp")
-    assert ("error: step 6: 1 of the last 100 steps had a non-finite loss or gradient (train.max_bad_steps=0) "
-            "and no checkpoint to roll back to; lower train.lr") in output
+    assert (
+        "error: step 6: 1 of the last 100 steps had a non-finite loss or gradient (train.max_bad_steps=0) "
+        "and no checkpoint to roll back to; lower train.lr"
+    ) in output
     assert max(losses(run_dir)) == 5
 
 
@@ -359,8 +373,11 @@ def test_unwritable_run_dir_is_refused_before_ray_starts(tiny_shard_dir, tmp_pat
         (run_dir / "checkpoints").chmod(0o500)
     try:
         started = time.monotonic()
-        with pytest.raises(StorageError, match=rf"^{re.escape(str(run_dir / 'checkpoints'))} is not writable "
-                                               r"\(.+\); make it writable or set run.workdir to a writable directory$"):
+        with pytest.raises(
+            StorageError,
+            match=rf"^{re.escape(str(run_dir / 'checkpoints'))} is not writable "
+            r"\(.+\); make it writable or set run.workdir to a writable directory$",
+        ):
             run_training(load_config(None, TINY), tiny_shard_dir, run_dir)
         assert time.monotonic() - started < 10  # no Ray, no workers
     finally:
@@ -384,7 +401,9 @@ def test_disk_full_during_a_save_keeps_latest_and_resumes(trained, tiny_shard_di
         p.resume()
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0
-    assert f"error: writing checkpoint {rundir.checkpoints_dir(run_dir) / 'step-00000010'} failed (" in output, output[-8000:]
+    assert f"error: writing checkpoint {rundir.checkpoints_dir(run_dir) / 'step-00000010'} failed (" in output, output[
+        -8000:
+    ]
     assert "the last good checkpoint step-00000005 is kept as `latest`" in output
     assert rundir.latest_tag(run_dir) == "step-00000005"
     assert not (rundir.checkpoints_dir(run_dir) / "step-00000010" / rundir.COMPLETE).exists()
@@ -468,3 +487,23 @@ def test_checkpoint_with_pickled_code_is_refused_by_every_loader(trained, tiny_b
     output = failing_run(run_dir, tiny_bert_shard_dir, tmp_path / "tmp")
     assert f"error: refusing to load {states}" in output
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_user_error_on_a_ray_train_worker_is_one_line_with_its_traceback_in_logs(poisoned, tmp_path, capfd):
+    """TrainingDiverged raised on both ranks of a Ray Train worker group reaches the driver as the same
+    UserError (what the CLI prints as one line); the console shows no worker traceback and the rank's
+    traceback is in the run's logs/."""
+    from launch import console
+    from pipeline.errors import TrainingDiverged
+    from pipeline.training.ray_train import run_training
+
+    console.setup()  # the `pretrain` command's console policy
+    overrides = [*BERT, "train.checkpoint_every=0", "train.max_bad_steps=0"]
+    run_dir = make_run_dir(tmp_path / "run", overrides)
+    with pytest.raises(TrainingDiverged, match=r"^step 6: 1 of the last 100 steps had a non-finite loss"):
+        run_training(load_config(None, [*TINY, *overrides]), poisoned, run_dir)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "RayTrainWorker" not in out + err, (out + err)[-3000:]
+    assert [line for line in out.splitlines() if not line.startswith("step ")] == []
+    assert "TrainingDiverged" in (run_dir / "logs" / "train-rank0-error.txt").read_text()

@@ -4,6 +4,7 @@ Two runs share one workdir: the second (a different model) must reuse the first'
 shards. Then `pretrain eval` on an older checkpoint, `pretrain compare`, a stage failure, and a run
 stopped by SIGTERM during training that `pretrain resume` finishes.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,24 +23,39 @@ REPO = Path(__file__).resolve().parents[2]
 PRESET = str(REPO / "configs" / "gpt-tiny.yaml")
 MAX_STEPS = 20
 # gpt-tiny on 120 stdlib files with a 512-token vocabulary and a 2-layer, 64-wide model: ~25 s a run.
-TINY = ["data.max_documents=120", "data.val_permille=100", "tokenizer.vocab_size=512",
-        "tokenizer.sample_bytes=1000000", "model.n_layers=2", "model.d_model=64", "model.n_heads=2",
-        f"train.max_steps={MAX_STEPS}", "train.warmup_steps=2", "train.log_every=2", "train.eval_every=10",
-        "train.checkpoint_every=10", "eval.batches=2", "eval.max_new_tokens=8", "cluster.num_workers=2"]
+TINY = [
+    "data.max_documents=120",
+    "data.val_permille=100",
+    "tokenizer.vocab_size=512",
+    "tokenizer.sample_bytes=1000000",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=2",
+    f"train.max_steps={MAX_STEPS}",
+    "train.warmup_steps=2",
+    "train.log_every=2",
+    "train.eval_every=10",
+    "train.checkpoint_every=10",
+    "eval.batches=2",
+    "eval.max_new_tokens=8",
+    "cluster.num_workers=2",
+]
 STAGES = ("tokenizer", "shard", "train", "eval")
 
 pytestmark = pytest.mark.slow
 
 
 def pretrain(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
 
 
 def start_pretrain(*args: str, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, text=True
+        )
 
 
 def mlflow_run(workdir: Path, run_dir: Path):
@@ -94,10 +110,20 @@ def test_mlflow_run_holds_params_a_falling_loss_eval_metrics_and_artifacts(two_r
     assert {f"stage.{s}" for s in STAGES} <= {k for k, v in run.data.tags.items() if v == "done"}
     assert "host" in run.data.tags
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    artifacts |= {a.path for folder in ("eval", "tokenizer", "checkpoints")
-                  for a in client.list_artifacts(run.info.run_id, folder)}
-    assert {"config.yaml", "deepspeed_config.json", "tokenizer/tokenizer.json", "eval/report.json",
-            "eval/summary.txt", "eval/loss_curve.png", "checkpoints/manifest.json"} <= artifacts
+    artifacts |= {
+        a.path
+        for folder in ("eval", "tokenizer", "checkpoints")
+        for a in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert {
+        "config.yaml",
+        "deepspeed_config.json",
+        "tokenizer/tokenizer.json",
+        "eval/report.json",
+        "eval/summary.txt",
+        "eval/loss_curve.png",
+        "checkpoints/manifest.json",
+    } <= artifacts
     manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
     assert manifest["latest"] == f"step-{MAX_STEPS:08d}"
     assert [c["step"] for c in manifest["checkpoints"]] == [10, 20]
@@ -171,8 +197,16 @@ def test_a_corrupt_shard_is_one_line_and_its_fix_works(two_runs):
 def test_sigterm_during_training_checkpoints_and_stops_then_resume_finishes(two_runs, tmp_path):
     workdir, _, _ = two_runs
     run_dir = workdir / "runs" / "stopped"
-    process = start_pretrain("run", PRESET, f"run.workdir={workdir}", "run.name=stopped", *TINY,
-                             "train.max_steps=400", "train.checkpoint_every=1000", log=tmp_path / "run.log")
+    process = start_pretrain(
+        "run",
+        PRESET,
+        f"run.workdir={workdir}",
+        "run.name=stopped",
+        *TINY,
+        "train.max_steps=400",
+        "train.checkpoint_every=1000",
+        log=tmp_path / "run.log",
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and "train/loss" in metrics.read_text()):

@@ -1,4 +1,3 @@
-
 from models.layers import num_parameters
 from pipeline.config import load_config
 from pipeline.modeling import build_model
@@ -37,7 +36,8 @@ def test_activation_checkpointing_keeps_only_block_inputs():
 
 def test_peak_estimate_follows_the_configured_checkpointing():
     plain = format_plan(make_plan(load_config("configs/gpt2-124m.yaml")))
-    checkpointed = format_plan(make_plan(load_config("configs/gpt2-124m.yaml",
-                                                     ["train.activation_checkpointing=true"])))
+    checkpointed = format_plan(
+        make_plan(load_config("configs/gpt2-124m.yaml", ["train.activation_checkpointing=true"]))
+    )
     peak = [float(text.split("estimated peak per GPU")[1].split()[0]) for text in (plain, checkpointed)]
     assert peak[1] < peak[0]

@@ -1,4 +1,5 @@
 """The runtime layer: accelerator and backend choice, Ray worker environment."""
+
 from __future__ import annotations
 
 import torch

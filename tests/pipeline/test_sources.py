@@ -1,5 +1,6 @@
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -35,9 +36,17 @@ def test_text_units(text_file):
     assert read(text_file, text_unit="paragraph")[0] == ["first line\nsecond line", "new paragraph\n"]
 
 
-@pytest.mark.parametrize("path,expected", [
-    ("hf:wikitext", "hub"), ("builtin:python-stdlib", "builtin"), ("a/*.jsonl.zst", "jsonl"), ("x.json.gz", "jsonl"),
-    ("x.parquet", "parquet"), ("notes/*.md", "text")])
+@pytest.mark.parametrize(
+    "path,expected",
+    [
+        ("hf:wikitext", "hub"),
+        ("builtin:python-stdlib", "builtin"),
+        ("a/*.jsonl.zst", "jsonl"),
+        ("x.json.gz", "jsonl"),
+        ("x.parquet", "parquet"),
+        ("notes/*.md", "text"),
+    ],
+)
 def test_format_from_prefix_and_extension(path, expected):
     assert resolve_format(SourceConfig(path=path)) == expected
 
@@ -61,8 +70,10 @@ def _jsonl_bytes(rows):
     return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
 
 
-@pytest.mark.parametrize("suffix,compress", [
-    ("", lambda b: b), (".gz", gzip.compress), (".zst", lambda b: zstandard.ZstdCompressor().compress(b))])
+@pytest.mark.parametrize(
+    "suffix,compress",
+    [("", lambda b: b), (".gz", gzip.compress), (".zst", lambda b: zstandard.ZstdCompressor().compress(b))],
+)
 def test_jsonl_plain_and_compressed(tmp_path, suffix, compress):
     path = tmp_path / f"docs.jsonl{suffix}"
     path.write_bytes(compress(_jsonl_bytes([{"body": "one", "id": 1}, {"body": "two", "id": 2}])))
@@ -110,13 +121,15 @@ def test_builtin_stdlib_is_sorted_python_without_tests():
     assert len(files) > 300 and all(f.endswith(".py") for f in files)
     assert not any("/test/" in f or "/site-packages/" in f for f in files)
     texts, stats = read(BUILTIN_STDLIB, text_unit="line")  # text_unit is ignored: one document per file
-    non_blank = [f for f in files if open(f, encoding="utf-8").read().strip()]
-    assert stats.documents == len(non_blank) and texts[0] == open(non_blank[0], encoding="utf-8").read()
+    non_blank = [f for f in files if Path(f).read_text(encoding="utf-8").strip()]
+    assert stats.documents == len(non_blank) and texts[0] == Path(non_blank[0]).read_text(encoding="utf-8")
 
 
 def test_max_documents_caps_each_source(tmp_path, text_file):
-    config = load_config(None, [f"data.sources=[{{path: {text_file}, text_unit: line}}, {{path: {BUILTIN_STDLIB}}}]",
-                                "data.max_documents=2"])
+    config = load_config(
+        None,
+        [f"data.sources=[{{path: {text_file}, text_unit: line}}, {{path: {BUILTIN_STDLIB}}}]", "data.max_documents=2"],
+    )
     documents = list(iter_corpus(config.data))
     assert [(d.source, d.index) for d in documents] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 

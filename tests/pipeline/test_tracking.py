@@ -1,4 +1,5 @@
 """MLflow tracking against a sqlite store: params, metrics, resume, secrets, outages and sync."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ def store_uri(tmp_path_factory) -> str:
 
 
 def make_config(tmp_path: Path, uri: str, name: str, *overrides: str):
-    return load_config(None, [f"run.name={name}", f"run.workdir={tmp_path}", f"tracking.uri={uri}",
-                              "tracking.experiment=tests", *overrides])
+    return load_config(
+        None,
+        [f"run.name={name}", f"run.workdir={tmp_path}", f"tracking.uri={uri}", "tracking.experiment=tests", *overrides],
+    )
 
 
 def closed_port() -> int:
@@ -40,8 +43,11 @@ def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def tracking_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name.startswith("pipeline.tracking") and r.levelno == logging.WARNING]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("pipeline.tracking") and r.levelno == logging.WARNING
+    ]
 
 
 def test_flatten_params_joins_keys_with_dots_and_stringifies():
@@ -64,8 +70,19 @@ def test_params_are_flattened_limited_and_filtered_in_mlflow(tmp_path, store_uri
     tracker = store.open_tracker(config, tmp_path / "run")
     tracker.log_params(config)
     long_key = "k" * 300
-    tracker.log_params({"extra": {"long": "v" * 7000, "odd key$": 1, long_key: 3, "hf_token": "hf_" + "x" * 30,
-                                  "url": "https://u:p@h/x"}, "../escape": 2, "a//b": 4})
+    tracker.log_params(
+        {
+            "extra": {
+                "long": "v" * 7000,
+                "odd key$": 1,
+                long_key: 3,
+                "hf_token": "hf_" + "x" * 30,
+                "url": "https://u:p@h/x",
+            },
+            "../escape": 2,
+            "a//b": 4,
+        }
+    )
     tracker.finish()
 
     params = MlflowClient(store_uri).get_run(tracker.run_id).data.params
@@ -159,7 +176,6 @@ def test_training_ranks_log_through_the_journal_and_the_driver_sends_it(tmp_path
 
 
 def test_other_ranks_log_nothing_and_disabled_tracking_keeps_only_the_local_record(tmp_path):
-    config = make_config(tmp_path, "http://127.0.0.1:9", "quiet")
     other_rank = journal.training_sink(tmp_path / "rank1", rank=1)
     other_rank.log_metrics({"train/loss": 1.0}, step=0)
     other_rank.close()
@@ -229,8 +245,12 @@ def test_compare_rows_sorting_and_table(tmp_path, store_uri):
         config = make_config(tmp_path, store_uri, name, "tracking.experiment=compare")
         tracker = store.open_tracker(config, tmp_path / name)
         tracker.log_params({"model": {"family": family}})
-        metrics = {names.METRIC_TRAIN_LOSS: 3.0, names.METRIC_MODEL_PARAMS: 1234567,
-                   names.METRIC_TOKENS_SEEN: 40960, names.METRIC_TOKENS_PER_S: 1500.0}
+        metrics = {
+            names.METRIC_TRAIN_LOSS: 3.0,
+            names.METRIC_MODEL_PARAMS: 1234567,
+            names.METRIC_TOKENS_SEEN: 40960,
+            names.METRIC_TOKENS_PER_S: 1500.0,
+        }
         tracker.log_metrics(metrics | ({names.METRIC_VAL_LOSS: val_loss} if val_loss else {}), step=1)
         tracker.finish()
 
@@ -251,8 +271,12 @@ def test_compare_rows_sorting_and_table(tmp_path, store_uri):
 def test_loss_curve_png(tmp_path):
     metrics = tmp_path / rundir.METRICS_FILE
     assert plot.loss_curve_png(metrics, tmp_path / "none.png") is None
-    metrics.write_text("".join(json.dumps({"step": s, "time_ms": 0, "metrics": m}) + "\n" for s, m in
-                               ((0, {"train/loss": 5.0}), (1, {"train/loss": 4.0, "val/loss": 4.5}))))
+    metrics.write_text(
+        "".join(
+            json.dumps({"step": s, "time_ms": 0, "metrics": m}) + "\n"
+            for s, m in ((0, {"train/loss": 5.0}), (1, {"train/loss": 4.0, "val/loss": 4.5}))
+        )
+    )
     png = plot.loss_curve_png(metrics, tmp_path / "loss.png")
     assert png.read_bytes().startswith(b"\x89PNG")
 

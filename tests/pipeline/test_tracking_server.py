@@ -1,5 +1,6 @@
 """Tracking against a real `mlflow server` on 127.0.0.1: the compare page in Chromium, and a server
 killed in the middle of a run."""
+
 from __future__ import annotations
 
 import os
@@ -18,14 +19,29 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_mlflow_request_
 
 CHROMIUM = Path("/usr/bin/chromium")
 # The headless flags measured to work here (NOTES-infra): no sandbox as root, no GPU, no background traffic.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 def open_run(tmp_path: Path, url: str, name: str, *overrides: str) -> store.LocalRun:
-    config = load_config(None, [f"run.name={name}", f"run.workdir={tmp_path}", f"tracking.uri={url}",
-                                "tracking.experiment=server-tests", *overrides])
+    config = load_config(
+        None,
+        [
+            f"run.name={name}",
+            f"run.workdir={tmp_path}",
+            f"tracking.uri={url}",
+            "tracking.experiment=server-tests",
+            *overrides,
+        ],
+    )
     return store.open_tracker(config, tmp_path / "runs" / name)
 
 
@@ -49,14 +65,15 @@ def compare_page_columns(text: str, metric: str) -> dict[str, float]:
     names_part = text.split("Run Name:", 1)[1].split("Start Time:", 1)[0]
     names = [line.strip() for line in names_part.splitlines() if line.strip()]
     metric_lines = [line.strip() for line in text.split("\nMetrics\n", 1)[1].splitlines() if line.strip()]
-    after = metric_lines[metric_lines.index(metric) + 1:]
-    values = [float(line) for line in after if NUMBER.fullmatch(line)][:len(names)]
+    after = metric_lines[metric_lines.index(metric) + 1 :]
+    values = [float(line) for line in after if NUMBER.fullmatch(line)][: len(names)]
     return dict(zip(names, values))
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                    "(scripts/system-deps.sh installs it)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/system-deps.sh installs it)"
+)
 def test_compare_page_shows_both_runs_and_their_val_loss(tmp_path, mlflow_server, repo_artifacts_dir):
     from playwright.sync_api import sync_playwright
 

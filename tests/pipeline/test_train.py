@@ -12,6 +12,7 @@ data pipeline or the loop changes them; regenerate the file with
 
 and say why in the commit message.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,15 +42,32 @@ GOLDEN = Path(__file__).parent / "golden" / "gpt_tiny_losses.json"
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node"]
 
 TINY = [
-    "run.seed=1234", "model.family=gpt", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
-    "model.max_seq_len=32", "tokenizer.vocab_size=512", "train.micro_batch_size=8", "train.grad_accum_steps=1",
-    "train.max_steps=10", "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=1", "train.eval_every=5",
-    "train.eval_batches=2", "train.checkpoint_every=0", "train.zero_stage=0", "tracking.enabled=false",
-    "cluster.num_workers=2", "data.verify_checksums=false",
+    "run.seed=1234",
+    "model.family=gpt",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.max_seq_len=32",
+    "tokenizer.vocab_size=512",
+    "train.micro_batch_size=8",
+    "train.grad_accum_steps=1",
+    "train.max_steps=10",
+    "train.warmup_steps=2",
+    "train.lr=3e-3",
+    "train.log_every=1",
+    "train.eval_every=5",
+    "train.eval_batches=2",
+    "train.checkpoint_every=0",
+    "train.zero_stage=0",
+    "tracking.enabled=false",
+    "cluster.num_workers=2",
+    "data.verify_checksums=false",
 ]
 LONG = ["train.max_steps=60", "train.zero_stage=2", "train.eval_every=0"]
 RUNS = {  # name -> overrides of TINY, all trained in one torchrun launch, in this order
-    "zero0": [], "zero1": ["train.zero_stage=1"], "zero2": ["train.zero_stage=2"],
+    "zero0": [],
+    "zero1": ["train.zero_stage=1"],
+    "zero2": ["train.zero_stage=2"],
     "accum": ["train.micro_batch_size=4", "train.grad_accum_steps=2"],
     "recompute": ["train.activation_checkpointing=true"],
     "offload": ["train.zero_stage=2", "train.offload_optimizer=true"],
@@ -75,8 +93,15 @@ def torchrun(nproc: int, args: list[str], tmp: Path, **popen) -> subprocess.Pope
     """torchrun with its per-run /tmp/torchelastic_* files under tmp."""
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([*TORCHRUN, str(nproc), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [*TORCHRUN, str(nproc), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def train_with_torchrun(run_dir: Path, shards: Path, tmp: Path, nproc: int = 2) -> str:
@@ -109,7 +134,9 @@ def assert_close(actual: dict[int, float], expected: dict[int, float], rel: floa
 def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert process.poll() is None, f"training ended before the test could interrupt it:\n{process.stdout.read()[-3000:]}"
+        assert process.poll() is None, (
+            f"training ended before the test could interrupt it:\n{process.stdout.read()[-3000:]}"
+        )
         assert time.monotonic() < deadline, "timed out waiting for training to progress"
         time.sleep(0.01)
 
@@ -156,11 +183,19 @@ def test_golden_losses(trained):
     actual = losses(trained["zero0"])
     if os.environ.get("PRETRAIN_REGENERATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({
-            "about": "per-step train loss of tests/pipeline/test_train.py TINY on the tiny_shard_dir fixture, "
-                     "2 ranks, fp32, ZeRO 0; regenerate: PRETRAIN_REGENERATE_GOLDEN=1 pytest "
-                     "tests/pipeline/test_train.py -k golden",
-            "config_overrides": TINY, "losses": {str(k): v for k, v in sorted(actual.items())}}, indent=1) + "\n")
+        GOLDEN.write_text(
+            json.dumps(
+                {
+                    "about": "per-step train loss of tests/pipeline/test_train.py TINY on the tiny_shard_dir fixture, "
+                    "2 ranks, fp32, ZeRO 0; regenerate: PRETRAIN_REGENERATE_GOLDEN=1 pytest "
+                    "tests/pipeline/test_train.py -k golden",
+                    "config_overrides": TINY,
+                    "losses": {str(k): v for k, v in sorted(actual.items())},
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     golden = {int(step): loss for step, loss in json.loads(GOLDEN.read_text())["losses"].items()}
     # 1e-5, not bit equality: other CPUs' fp32 kernels round differently.
     assert_close(actual, golden, rel=1e-5)
@@ -182,8 +217,16 @@ def test_figures_metrics_and_checkpoint_layout(trained):
     assert recorded["val_loss"] == losses(run_dir, METRIC_VAL_LOSS)[10]
     assert recorded["tokens_per_s"] > 0 and recorded["mfu"] is None  # no train.peak_flops on CPU
     record = read_metrics(run_dir / "metrics.jsonl")[0]
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/tokens_seen",
-            "train/step_time_s", "train/rss_gib", "train/rss_peak_gib"} <= record["metrics"].keys()
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/tokens_seen",
+        "train/step_time_s",
+        "train/rss_gib",
+        "train/rss_peak_gib",
+    } <= record["metrics"].keys()
     tag_dir = rundir.checkpoints_dir(run_dir) / rundir.latest_tag(run_dir)
     assert tag_dir.name == "step-00000010" and (tag_dir / rundir.COMPLETE).is_file()
     assert {p.name for p in (tag_dir / "rng").iterdir()} == {"rank-00000.pt", "rank-00001.pt"}
