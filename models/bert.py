@@ -29,13 +29,13 @@ class BERT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids, attention_mask (1 = token, 0 = padding), labels (-100 = not masked, ignored)
-        and token_type_ids are all (B, T)."""
-        attn_mask = None
-        if attention_mask is not None:
-            attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): no query attends to padding
-        hidden = self.transformer(input_ids, token_type_ids, attn_mask)
+        """input_ids, attention_mask (1 = token, 0 = padding), labels (-100 = not masked, ignored),
+        token_type_ids and document_ids are all (B, T). With document_ids (documents packed into one
+        window, each ending with its [SEP]) a token attends only to its own document, and positions
+        restart at each document."""
+        hidden = self.transformer(input_ids, token_type_ids, document_ids=document_ids, padding=attention_mask)
         hidden = F.gelu(self.mlm_transform(hidden), approximate=self.config.gelu_approximate)
         logits = self.lm_head(self.mlm_norm(hidden))  # (B, T, vocab_size)
         loss = None

@@ -20,10 +20,18 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.embed.tokens.weight
         init_weights(self, config)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+    ) -> ModelOutput:
         """input_ids (B, T); labels (B, T) are the next tokens, already aligned by the data loader
-        (input_ids = window[:-1], labels = window[1:]), so no shift here; -100 is ignored."""
-        hidden = self.transformer(input_ids, causal=True)
+        (input_ids = window[:-1], labels = window[1:]), so no shift here; -100 is ignored.
+
+        document_ids (B, T), for documents packed into one window: a token attends only to earlier
+        tokens of its own document (block-causal) and positions restart at each document. The
+        separator opens a document (as GPT-2's <|endoftext|> does as its BOS), so every target is
+        predicted from its own document: the last token of a document predicts the separator, the
+        separator predicts the next document's first token. No target is dropped."""
+        hidden = self.transformer(input_ids, causal=True, document_ids=document_ids)
         logits = self.lm_head(hidden)  # (B, T, vocab_size)
         loss = None
         if labels is not None:

@@ -95,14 +95,67 @@ def sinusoidal_positions(seq_len: int, dim: int, device=None) -> torch.Tensor:
     return table.flatten(1)[:, :dim]
 
 
-def rope_cos_sin(seq_len: int, cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(seq_len: int, cfg: ModelConfig, device=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary angles in Llama's layout: the frequencies repeat over both halves of head_dim, to pair
-    with rotate_half. Computed in fp32, as HF does, so bf16 runs rotate by the same angles."""
+    with rotate_half. Computed in fp32, as HF does, so bf16 runs rotate by the same angles. (seq_len,
+    head_dim) each, or (B, 1, seq_len, head_dim) for per-document `positions` (B, seq_len)."""
     dim = cfg.head_dim
     inv_freq = cfg.rope_theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # (seq_len, head_dim)
+    if positions is not None:
+        angles = angles[positions][:, None]  # (B, 1, seq_len, head_dim): broadcast over heads
     return angles.cos(), angles.sin()
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document (B, T): 0 at every document's first token, so
+    positions restart at each document packed into a window."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_index = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T): where each token's document began
+    return index - start_index
+
+
+def document_attention_mask(document_ids: torch.Tensor, causal: bool, padding: torch.Tensor | None = None):
+    """Who may attend to whom when documents are packed into one window: a token sees only tokens of
+    its own document (and, causal, not after itself; with padding (B, T), no padding). On CUDA a
+    FlexAttention block mask, whose kernel skips the blocks masked out entirely; elsewhere a dense
+    (B, 1, T, T) boolean mask for SDPA."""
+    if document_ids.is_cuda and padding is None:
+        return flex_block_mask(document_ids, causal)
+    T = document_ids.shape[1]
+    allowed = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T): same document
+    if causal:
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    if padding is not None:
+        allowed = allowed & padding.bool()[:, None, :]
+    return allowed[:, None]  # (B, 1, T, T): broadcast over heads
+
+
+def flex_block_mask(document_ids: torch.Tensor, causal: bool):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document(batch, head, query, key):
+        allowed = document_ids[batch, query] == document_ids[batch, key]
+        return allowed & (query >= key) if causal else allowed
+
+    B, T = document_ids.shape
+    return create_block_mask(same_document, B, None, T, T, device=document_ids.device)
+
+
+_compiled_flex_attention = None
+
+
+def flex_attention(q, k, v, block_mask):
+    """FlexAttention, compiled once per process: uncompiled it runs a slow reference implementation."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention as eager
+
+        _compiled_flex_attention = torch.compile(eager, dynamic=False)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -137,7 +190,10 @@ class Attention(nn.Module):
             group = cfg.n_heads // cfg.kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         dropout_p = cfg.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a FlexAttention BlockMask
+            y = flex_attention(q, k, v, attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, cfg.d_model)  # (B, T, n_heads * head_dim)
         return self.resid_dropout(self.out(y))
 
@@ -197,14 +253,17 @@ class Embeddings(nn.Module):
             self.norm = make_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids, token_type_ids=None):
+    def forward(self, input_ids, token_type_ids=None, positions=None):
+        """positions (B, T): each token's position in its document; None: 0..T-1 in every row."""
         cfg, T = self.cfg, input_ids.shape[1]
         assert cfg.max_seq_len >= T, f"sequence of {T} tokens exceeds max_seq_len={cfg.max_seq_len}"
         x = self.tokens(input_ids)  # (B, T, d_model)
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)
         if cfg.position == "learned":
-            x = x + self.positions(torch.arange(T, device=input_ids.device))
+            x = x + self.positions(positions)
         elif cfg.position == "sinusoidal":
-            x = x + sinusoidal_positions(T, cfg.d_model, input_ids.device).to(x.dtype)
+            x = x + sinusoidal_positions(T, cfg.d_model, input_ids.device)[positions].to(x.dtype)
         if cfg.type_vocab_size:
             x = x + self.token_types(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
         if cfg.norm_position == "post":
@@ -224,9 +283,19 @@ class Transformer(nn.Module):
         if cfg.norm_position == "pre":
             self.final_norm = make_norm(cfg)
 
-    def forward(self, input_ids, token_type_ids=None, attn_mask=None, causal=False):
-        x = self.embed(input_ids, token_type_ids)
-        rope = rope_cos_sin(input_ids.shape[1], self.cfg, input_ids.device) if self.cfg.position == "rope" else None
+    def forward(self, input_ids, token_type_ids=None, causal=False, document_ids=None, padding=None):
+        """document_ids (B, T): which packed document each token belongs to (None: one sequence); then
+        attention stays within a document and positions restart at each. padding (B, T): 1 = token."""
+        positions, attn_mask = None, None
+        if document_ids is not None:
+            positions = document_positions(document_ids)
+            attn_mask, causal = document_attention_mask(document_ids, causal, padding), False
+        elif padding is not None:
+            attn_mask = padding.bool()[:, None, None, :]  # (B, 1, 1, T): no query attends to padding
+        x = self.embed(input_ids, token_type_ids, positions)
+        rope = None
+        if self.cfg.position == "rope":
+            rope = rope_cos_sin(input_ids.shape[1], self.cfg, input_ids.device, positions)
         for block in self.blocks:
             x = block(x, rope, attn_mask, causal)
         return self.final_norm(x) if self.cfg.norm_position == "pre" else x

@@ -252,6 +252,12 @@ class TrainConfig(Section):
     offload_params: bool = Field(False, description="Keep parameters on CPU; ZeRO stage 3 only.")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    document_masking: bool = Field(
+        True,
+        description="Attend only within each document packed into a window (GPT: block-causal; BERT: "
+        "bidirectional within the document), with positions restarting at each document. Boundaries "
+        "come from the separator tokens; on CUDA FlexAttention skips the masked blocks.",
+    )
     log_every: int = Field(10, gt=0, description="Log training metrics every N optimizer steps.")
     eval_every: int = Field(100, ge=0, description="Validation loss every N steps; 0 disables.")
     eval_batches: int = Field(8, gt=0, description="Micro-batches per rank in each in-loop validation.")

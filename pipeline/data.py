@@ -256,8 +256,18 @@ def mlm_mask(
     return inputs, labels
 
 
+def document_ids(tokens: np.ndarray, separator_id: int, family: str) -> np.ndarray:
+    """(B, T) index of the packed document each token belongs to, counting from 0 in each row. The
+    shards append the separator after every document; GPT's separator opens the next document (its
+    BOS: GPT-2's <|endoftext|>), BERT's closes its own (its [SEP])."""
+    is_separator = tokens == separator_id
+    counted = np.cumsum(is_separator, axis=1)
+    return counted if family == "gpt" else counted - is_separator
+
+
 class BatchLoader:
-    """Micro-batches for one rank; see the module docstring for the sampling contract."""
+    """Micro-batches for one rank; see the module docstring for the sampling contract. With
+    `separator_id` each batch also holds `document_ids` (B, T) for document masking."""
 
     def __init__(
         self,
@@ -274,12 +284,14 @@ class BatchLoader:
         special_token_ids=(),
         vocab_size: int | None = None,
         mlm_probability: float = 0.15,
+        separator_id: int | None = None,
     ):
         _check_loader_args(family, seq_len, micro_batch_size, rank, world_size, mask_token_id)
         self.dataset, self.family, self.seq_len = dataset, family, seq_len
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.mask_token_id, self.mlm_probability = mask_token_id, mlm_probability
+        self.separator_id = separator_id
         self.special_ids = np.asarray(sorted(special_token_ids), dtype=np.int64)
         self.vocab_size = vocab_size or dataset.vocab_size
         self.window = seq_len + 1 if family == "gpt" else seq_len
@@ -319,9 +331,15 @@ class BatchLoader:
         table = self._epoch_table()
         windows = np.stack([self._read_window(int(table[p])) for p in positions]).astype(np.int64)
         self.samples_consumed += chunk
-        if self.family == "gpt":
-            return {"input_ids": _tensor(windows[:, :-1]), "labels": _tensor(windows[:, 1:])}
-        return self._bert_batch(windows, positions)
+        inputs = windows[:, :-1] if self.family == "gpt" else windows
+        batch = (
+            {"input_ids": _tensor(inputs), "labels": _tensor(windows[:, 1:])}
+            if self.family == "gpt"
+            else self._bert_batch(windows, positions)
+        )
+        if self.separator_id is not None:  # from the unmasked tokens: BERT's masking never hides a [SEP]
+            batch["document_ids"] = _tensor(document_ids(inputs, self.separator_id, self.family))
+        return batch
 
     def _epoch_table(self) -> np.ndarray:
         if self._table_epoch != self.epoch:

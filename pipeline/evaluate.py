@@ -132,6 +132,7 @@ def validation_loader(config: Config, dataset: TokenDataset, tokenizer, micro_ba
     """The val split in order, as the training loop's in-loop validation reads it on one rank."""
     family = config.model.family
     masking = bert_masking_ids(tokenizer) if family == "bert" else {}
+    separator = dataset.index["separator_id"] if config.train.document_masking else None
     return BatchLoader(
         dataset,
         family=family,
@@ -141,6 +142,7 @@ def validation_loader(config: Config, dataset: TokenDataset, tokenizer, micro_ba
         world_size=1,
         seed=config.run.seed,
         shuffle=False,
+        separator_id=separator,
         **masking,
     )
 

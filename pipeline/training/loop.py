@@ -38,7 +38,7 @@ from pipeline.tokenizer import bert_masking_ids
 from pipeline.tracking.journal import training_sink
 from pipeline.training.callbacks import default_callbacks
 from pipeline.training.health import StepHealth, step_was_bad
-from pipeline.training.meter import Meter, peak_flops_per_device
+from pipeline.training.meter import Meter, compilation_figures, peak_flops_per_device
 from pipeline.training.run import Callback, Run, StepOutcome, TrainResult
 from pipeline.training.state import resume
 
@@ -128,6 +128,7 @@ def make_loader(
 ) -> BatchLoader:
     t = config.train
     masking = bert_masking_ids(dataset.shard_dir / SHARD_TOKENIZER_DIR) if config.model.family == "bert" else {}
+    separator = dataset.index["separator_id"] if t.document_masking else None
     return BatchLoader(
         dataset,
         family=config.model.family,
@@ -137,6 +138,7 @@ def make_loader(
         world_size=world_size,
         seed=config.run.seed,
         shuffle=shuffle,
+        separator_id=separator,
         **masking,
     )
 
@@ -212,6 +214,8 @@ def finish(run: Run) -> TrainResult:
         "world_size": run.world_size,
         "resumed_from_step": run.resumed_from,
     }
+    if run.config.train.compile:
+        figures |= compilation_figures()
     return TrainResult(
         figures=figures,
         stopped=run.stopping,

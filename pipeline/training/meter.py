@@ -115,6 +115,17 @@ class Meter:
         return self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
 
 
+def compilation_figures() -> dict[str, int]:
+    """What torch.compile did in this process: the graphs it compiled and the graph breaks it hit (a
+    break splits the model into pieces run eagerly in between, the usual way compile silently loses)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "compiled_graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
+
+
 def memory_metrics(device: torch.device) -> dict[str, float]:
     """GPU: allocated and peak allocated; CPU: resident set size now and at its peak (this rank)."""
     if device.type == "cuda":

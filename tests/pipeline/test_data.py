@@ -237,3 +237,24 @@ def test_vocab_must_fit_the_model(tiny_shard_dir):
 def test_inspect(tiny_shard_dir):
     text = inspect_shards(tiny_shard_dir)
     assert "train" in text and "val share:" in text and "bytes/token" in text and "builtin:python-stdlib" in text
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_document_ids_come_from_the_separators_without_changing_the_batch(family, tiny_shard_dir, tiny_bert_shard_dir):
+    """GPT: the separator opens the next document; BERT: it closes its own."""
+    shard_dir = tiny_shard_dir if family == "gpt" else tiny_bert_shard_dir
+    separator = TokenDataset(shard_dir).index["separator_id"]
+    make = gpt_loader if family == "gpt" else bert_loader
+    plain, masked = make(shard_dir, seq_len=128), make(shard_dir, seq_len=128, separator_id=separator)
+    documents_per_window = []
+    for _ in range(40):
+        expected, batch = plain.next_batch(), masked.next_batch()
+        assert all(torch.equal(expected[key], batch[key]) for key in expected)
+        separators = batch["input_ids"] == separator
+        starts = torch.diff(batch["document_ids"], dim=1) == 1  # a new document from the next token on
+        if family == "gpt":
+            assert torch.equal(starts, separators[:, 1:])
+        else:
+            assert torch.equal(starts, separators[:, :-1])
+        documents_per_window += (batch["document_ids"].max(dim=1).values + 1).tolist()
+    assert max(documents_per_window) > 1  # some windows really hold several documents

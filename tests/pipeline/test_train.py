@@ -73,6 +73,9 @@ RUNS = {  # name -> overrides of TINY, all trained in one torchrun launch, in th
     "offload": ["train.zero_stage=2", "train.offload_optimizer=true"],
     "long": LONG,
     "bert": ["model.family=bert", "model.norm_position=post", "train.zero_stage=2"],  # on tiny_bert_shard_dir
+    # torch.compile (inductor on the CPU), document masking on as by default.
+    "compiled0": ["train.compile=true"],
+    "compiled2": ["train.zero_stage=2", "train.compile=true"],
     # Last: zero.Init swaps F.linear for the rest of the process (see pipeline.engine.create_model).
     "zero3": ["train.zero_stage=3"],
 }
@@ -175,6 +178,17 @@ def test_grad_accumulation_2x4_matches_micro_batch_8(trained):
 def test_activation_checkpointing_and_optimizer_offload_match(trained):
     assert_close(losses(trained["recompute"]), losses(trained["zero0"]), rel=1e-6)
     assert_close(losses(trained["offload"]), losses(trained["zero2"]), rel=1e-5)  # DeepSpeedCPUAdam
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_compiled_training_matches_eager_and_really_compiles(trained, stage):
+    """train.compile gives eager mode's losses within 1e-3 relative per step (inductor fuses and
+    reorders fp32 arithmetic, so not bit for bit), and dynamo compiled the model without a graph
+    break (a break would silently run parts of the model eagerly)."""
+    assert_close(losses(trained[f"compiled{stage}"]), losses(trained[f"zero{stage}"]), rel=1e-3)
+    compiled = figures(trained[f"compiled{stage}"])
+    assert compiled["compiled_graphs"] >= 1 and compiled["graph_breaks"] == 0
 
 
 @pytest.mark.slow
