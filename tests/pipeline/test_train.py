@@ -76,6 +76,7 @@ RUNS = {  # name -> overrides of TINY, all trained in one torchrun launch, in th
     # torch.compile (inductor on the CPU), document masking on as by default.
     "compiled0": ["train.compile=true"],
     "compiled2": ["train.zero_stage=2", "train.compile=true"],
+    "profiled": ["train.profile_at_step=3", "train.profile_steps=2"],
     # Last: zero.Init swaps F.linear for the rest of the process (see pipeline.engine.create_model).
     "zero3": ["train.zero_stage=3"],
 }
@@ -189,6 +190,23 @@ def test_compiled_training_matches_eager_and_really_compiles(trained, stage):
     assert_close(losses(trained[f"compiled{stage}"]), losses(trained[f"zero{stage}"]), rel=1e-3)
     compiled = figures(trained[f"compiled{stage}"])
     assert compiled["compiled_graphs"] >= 1 and compiled["graph_breaks"] == 0
+
+
+@pytest.mark.slow
+def test_profiler_traces_the_asked_steps_with_labelled_phases(trained):
+    """train.profile_at_step=3, profile_steps=2: one Chrome trace per rank and rank 0's operator table,
+    the forward/backward/optimizer phases labelled; profiling changes no loss."""
+    profile = trained["profiled"] / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == [
+        "top-ops-step3.txt",
+        "trace-rank00000-step3.json",
+        "trace-rank00001-step3.json",
+    ]
+    events = json.loads((profile / "trace-rank00000-step3.json").read_text())["traceEvents"]
+    labels = {event.get("name") for event in events}
+    assert {"forward", "backward", "optimizer"} <= labels
+    assert sum(event.get("name") == "optimizer" for event in events) == 2  # two steps recorded
+    assert losses(trained["profiled"]) == losses(trained["zero0"])
 
 
 @pytest.mark.slow
