@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,26 @@ class Journal(NullSink):
 
     def close(self) -> None:
         self._metrics_file.close()
+
+
+@contextmanager
+def following(action: Callable[[], None], interval_s: float, name: str) -> Iterator[None]:
+    """While the block runs (training, in other processes), call `action` every `interval_s` seconds in
+    a background thread, and once more at the end: how the driver follows what rank 0 appends."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            action()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        action()
 
 
 def training_sink(run_dir: Path, rank: int) -> NullSink:

@@ -40,7 +40,7 @@ from pipeline.artifacts import atomic_write_text
 from pipeline.config import Config
 from pipeline.errors import TrackingError
 from pipeline.rundir import METRICS_SYNCED_FILE, OPS_FILE, OPS_SYNCED_FILE, RUN_ID_FILE, TARGET_FILE
-from pipeline.tracking.journal import Journal, jsonl_records, mlflow_run_id, read_text
+from pipeline.tracking.journal import Journal, following, jsonl_records, mlflow_run_id, read_text
 from pipeline.tracking.names import (
     MAX_METRICS_PER_BATCH,
     clean,
@@ -173,20 +173,8 @@ class MlflowTracker(LocalRun):
     def syncing(self, interval_s: float = LIVE_SYNC_INTERVAL_S) -> Iterator[None]:
         """While the block runs (training, in worker processes), send what they append to the journal
         every `interval_s` seconds, so the MLflow UI shows the curves as they grow."""
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(interval_s):
-                self._flush()
-
-        thread = threading.Thread(target=loop, name="mlflow-live-sync", daemon=True)
-        thread.start()
-        try:
+        with following(self._flush, interval_s, name="mlflow-live-sync"):
             yield
-        finally:
-            stop.set()
-            thread.join()
-            self._flush()
 
     def finish(self, status: str = "FINISHED") -> None:
         status = status.upper()

@@ -8,7 +8,6 @@ when the output is a file (a Slurm log, CI), with the loss, validation loss and 
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.rundir import METRICS_FILE
-from pipeline.tracking.journal import jsonl_records
+from pipeline.tracking.journal import following, jsonl_records
 from pipeline.tracking.names import (
     METRIC_ROLLBACKS,
     METRIC_TOKENS_PER_S,
@@ -48,7 +47,6 @@ def training_progress(run_dir: Path, max_steps: int, echo: Callable[[str], None]
     path = Path(run_dir) / METRICS_FILE
     offset = path.stat().st_size if path.is_file() else 0
     bar = tqdm(total=max_steps, unit="step", desc="train", dynamic_ncols=True) if sys.stdout.isatty() else None
-    stop = threading.Event()
 
     def show_new_records() -> None:
         nonlocal offset
@@ -63,17 +61,9 @@ def training_progress(run_dir: Path, max_steps: int, echo: Callable[[str], None]
                 bar.update(record["step"] - bar.n)
                 bar.set_postfix_str(text, refresh=True)
 
-    def follow() -> None:
-        while not stop.wait(POLL_S):
-            show_new_records()
-
-    thread = threading.Thread(target=follow, name="training-progress", daemon=True)
-    thread.start()
     try:
-        yield
+        with following(show_new_records, POLL_S, name="training-progress"):
+            yield
     finally:
-        stop.set()
-        thread.join()
-        show_new_records()
         if bar is not None:
             bar.close()
