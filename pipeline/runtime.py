@@ -92,10 +92,6 @@ def quiet_ray_workers() -> None:
     Train's placement-group cleaner asks the State API every second whether the controller lives;
     without the dashboard (the minimal `ray` install, and an embedded Ray here) every ask fails and
     warns, burying the training log. The cleaner only matters when the controller dies, and then Ray
-    frees the placement group with the job anyway. Library warnings (DeepSpeed's, torch's
-    FutureWarnings) belong in the worker's log file, not on the user's console."""
-    import warnings
-
+    frees the placement group with the job anyway (workers' output, library warnings included, stays in
+    their Ray session log files: `ray_connection` does not forward it)."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    logging.captureWarnings(True)
-    warnings.simplefilter("ignore", FutureWarning)
