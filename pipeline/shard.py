@@ -194,7 +194,8 @@ def tokenize_executor(config: Config, **tokenize_args) -> Iterator[Callable[[lis
 
     with ray_connection(config):
         ray.data.DataContext.get_current().enable_progress_bars = False  # the stage shows its own, over bytes
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-execution plan lines
+        # No per-execution plan lines, and not its warning that the progress bars just turned off are off.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         yield lambda documents: _ray_tokenize(documents, num_workers, tokenize_args)
 
 
