@@ -200,16 +200,6 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
 
 
-def latest_step(run_dir: Path) -> int | None:
-    """The step of the latest complete checkpoint, None without one (the Slurm job script asks this)."""
-    tag = latest_pointer(run_dir)
-    return (
-        int(_TAG.match(tag).group(1))
-        if tag and _TAG.match(tag) and is_complete(checkpoints_dir(run_dir) / tag)
-        else None
-    )
-
-
 def write_checkpoint_manifest(run_dir: Path) -> Path:
     """`checkpoints/manifest.json`: every complete checkpoint's step, tokens seen, world size and files
     with their sizes, and which one `latest` names (the weights stay out of MLflow: they can be large)."""
