@@ -31,13 +31,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.artifacts import atomic_write_json  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import (  # noqa: E402
-    SHARD_TOKENIZER_DIR,  # noqa: E402
+    INDEX_FILE,
+    INDEX_FORMAT_VERSION,
+    SHARD_TOKENIZER_DIR,
     BatchLoader,
     TokenDataset,
 )
-from pipeline.shard import SplitWriter, write_index  # noqa: E402
+from pipeline.partitions import Partition  # noqa: E402
+from pipeline.shard_index import ShardWriter  # noqa: E402
 
 VOCAB = 4096
 CHUNK_TOKENS = 1 << 22
@@ -47,22 +51,24 @@ def synthetic_shards(directory: Path, tokens: int) -> Path:
     """Random tokens in the real shard format (one source, train split only)."""
     directory.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    writer = SplitWriter(directory, "train", np.dtype(np.uint16), shard_tokens=16 * CHUNK_TOKENS)
+    partition = Partition(0, 0, "synthetic", (), "train", tokens)
+    writer = ShardWriter(directory, "train", partition, "uint16", shard_tokens=16 * CHUNK_TOKENS)
     for start in range(0, tokens, CHUNK_TOKENS):
         chunk = rng.integers(0, VOCAB, size=min(CHUNK_TOKENS, tokens - start), dtype=np.uint16)
-        writer.add(0, chunk.tobytes(), source_bytes=3 * len(chunk))
-    empty = SplitWriter(directory, "val", np.dtype(np.uint16), shard_tokens=1).finish()
+        writer.add(chunk.tobytes(), source_bytes=3 * len(chunk))
+    empty = ShardWriter(directory, "val", partition, "uint16", shard_tokens=1).finish()
     (directory / SHARD_TOKENIZER_DIR).mkdir()  # no tokenizer made these ids: nothing for index.json to hash
-    write_index(
-        directory,
-        family="gpt",
-        vocab_size=VOCAB,
-        tokenizer_fp="synthetic",
-        separator_id=0,
-        data=load_config(None).data,
-        splits={"train": writer.finish(), "val": empty},
-        sources=[{"name": "synthetic", "weight": 1.0}],
-    )
+    index = {
+        "format_version": INDEX_FORMAT_VERSION,
+        "family": "gpt",
+        "vocab_size": VOCAB,
+        "dtype": "uint16",
+        "tokenizer_fingerprint": "synthetic",
+        "separator_id": 0,
+        "splits": {"train": writer.finish(), "val": empty},
+        "sources": [{"name": "synthetic", "weight": 1.0}],
+    }
+    atomic_write_json(directory / INDEX_FILE, index)
     return directory
 
 

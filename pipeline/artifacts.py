@@ -6,12 +6,16 @@ everything the output depends on (config section, the stage's CODE_VERSION, inpu
 so equal fingerprints mean interchangeable outputs and a rerun reuses the directory.
 
 A build writes into a temporary sibling directory and renames it into place only once the
-manifest is written, so a killed build never leaves a directory that a later run would trust.
+manifest is written, so a killed build never leaves a directory that a later run would trust. A
+resumable stage builds in `.build-<fingerprint>` instead, under a lock, and keeps that directory when
+killed: its build function finds there what it completed before and trusts only that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -19,7 +23,7 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from pipeline.errors import UserError
 MANIFEST = "manifest.json"
 FINGERPRINT_CHARS = 16
 _TEMP_PREFIX = ".tmp-"
+_BUILD_PREFIX = ".build-"
 
 
 def canonical_json(value: Any) -> str:
@@ -100,34 +105,83 @@ def build_stage(
     inputs: dict[str, str],
     build_fn: Callable[[Path], dict | None],
     verify: Callable[[Path], None] | None = None,
+    resumable: bool = False,
 ) -> StageResult:
     """Reuse `<workdir>/cache/<stage>/<fingerprint>/` if complete and sound, else build it atomically.
 
     `build_fn(temp_dir)` writes the stage's files into temp_dir and returns its figures (or None).
     A cached entry is sound when every output its manifest lists exists and `verify(directory)` (if
-    given) raises no UserError; an unsound one is deleted and rebuilt, saying why.
+    given) raises no UserError; an unsound one is deleted and rebuilt, saying why. With `resumable`,
+    build_fn gets the same directory again after a killed build (or one failed by anything but a
+    UserError, whose fix changes the fingerprint), and concurrent builds of one fingerprint wait for
+    each other.
     """
     final = stage_dir(workdir, stage, fingerprint_)
-    manifest = read_manifest(final)
-    if manifest is not None and manifest.get("fingerprint") == fingerprint_:
-        problem = _cache_problem(final, manifest, verify)
-        if problem is None:
-            return StageResult(final, manifest, reused=True)
-        print(f"cached {stage} {fingerprint_} is damaged ({problem}); rebuilding it", flush=True)
+    cached = _sound_entry(stage, final, fingerprint_, verify)
+    if cached is not None:
+        return cached
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(final.parent)
-    if final.exists():  # a directory without a valid manifest was not made by build_stage: distrust it
-        shutil.rmtree(final)
-    temp = final.parent / f"{_TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-    temp.mkdir()
-    try:
-        figures = build_fn(temp) or {}
-        manifest = _manifest(stage, fingerprint_, code_version, inputs, temp, figures)
-        atomic_write_json(temp / MANIFEST, manifest)
-        return _publish(temp, final, manifest)
-    finally:
-        if temp.exists():
+    if not resumable:
+        temp = final.parent / f"{_TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        temp.mkdir()
+        try:
+            return _build(stage, fingerprint_, code_version, inputs, build_fn, temp, final)
+        finally:
             shutil.rmtree(temp, ignore_errors=True)
+    with _locked(final.parent / f"{_BUILD_PREFIX}{fingerprint_}.lock"):
+        cached = _sound_entry(stage, final, fingerprint_, verify, quiet=True)  # built while we waited
+        if cached is not None:
+            return cached
+        temp = final.parent / f"{_BUILD_PREFIX}{fingerprint_}"
+        temp.mkdir(exist_ok=True)
+        try:
+            return _build(stage, fingerprint_, code_version, inputs, build_fn, temp, final)
+        except UserError:  # bad input: the fix changes the fingerprint, so nothing here is worth resuming
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+
+
+def _sound_entry(
+    stage: str, final: Path, fingerprint_: str, verify: Callable[[Path], None] | None, quiet: bool = False
+) -> StageResult | None:
+    manifest = read_manifest(final)
+    if manifest is None or manifest.get("fingerprint") != fingerprint_:
+        return None
+    problem = _cache_problem(final, manifest, verify)
+    if problem is None:
+        return StageResult(final, manifest, reused=True)
+    if not quiet:
+        print(f"cached {stage} {fingerprint_} is damaged ({problem}); rebuilding it", flush=True)
+    return None
+
+
+def _build(
+    stage: str,
+    fingerprint_: str,
+    code_version: str,
+    inputs: dict[str, str],
+    build_fn: Callable[[Path], dict | None],
+    temp: Path,
+    final: Path,
+) -> StageResult:
+    if final.exists():  # a directory without a sound manifest: distrust it
+        shutil.rmtree(final)
+    figures = build_fn(temp) or {}
+    manifest = _manifest(stage, fingerprint_, code_version, inputs, temp, figures)
+    atomic_write_json(temp / MANIFEST, manifest)
+    return _publish(temp, final, manifest)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (flock: released when the process dies, so never stale)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cache_problem(directory: Path, manifest: dict, verify: Callable[[Path], None] | None) -> str | None:

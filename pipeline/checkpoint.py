@@ -60,6 +60,7 @@ FROZEN_KEYS = (
     "data.val_permille",
     "data.shard_tokens",
     "data.max_documents",
+    "data.partition_bytes",
     "run.seed",
     "train.seq_len",
     "train.zero_stage",

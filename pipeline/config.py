@@ -108,6 +108,14 @@ class SourceConfig(Section):
     )
     hub_config: str | None = Field(None, description="Hub dataset configuration name (hub sources only).")
     split: str = Field("train", description="Dataset split to read (saved and hub sources).")
+    validation: Literal["auto", "hash", "tail"] = Field(
+        "auto",
+        description="How this source's text reaches the validation split. `hash`: data.val_permille of its "
+        "documents, by a stable hash of each document's text. `tail`: the last data.val_permille of each file's "
+        "bytes, cut at a line boundary (plain text and uncompressed JSONL only), the rule for a corpus of few "
+        "documents such as one input.txt. `auto`: `tail` for plain text read one document per file when fewer "
+        "than 10 files would fall into validation by hash, `hash` otherwise.",
+    )
 
 
 class DataConfig(Section):
@@ -120,10 +128,23 @@ class DataConfig(Section):
         20,
         ge=0,
         le=500,
-        description="Documents per thousand assigned to validation, by a stable hash of the document text.",
+        description="Per thousand of the corpus assigned to validation: documents by a stable hash of their "
+        "text, or the tail of each file (see data.sources[].validation).",
     )
     shard_tokens: int = Field(16_777_216, gt=0, description="Target number of tokens per shard file.")
-    num_workers: int = Field(2, ge=1, description="Ray Data workers that tokenize in parallel.")
+    num_workers: int = Field(
+        2,
+        ge=1,
+        description="Partitions read, tokenized and written at once, each by one Ray task on any node of the "
+        "cluster (1: in the driver process, without Ray).",
+    )
+    partition_bytes: int = Field(
+        8 << 20,
+        ge=1024,
+        description="Target input bytes per partition, the unit of parallel work of the tokenizer and shard "
+        "stages: files are cut at line boundaries (plain text, uncompressed JSONL) or by Parquet row groups, and "
+        "small files are grouped. The plan depends on the input and this value only, never on the workers.",
+    )
     max_documents: int | None = Field(
         None,
         gt=0,

@@ -44,7 +44,7 @@ from pipeline.rundir import (
     save_traceback,
     write_checkpoint_manifest,
 )
-from pipeline.runtime import ray_connection
+from pipeline.runtime import ray_connection, remote_cause
 
 
 @dataclass
@@ -142,7 +142,7 @@ def _run_stage(stage: str, config: Config, run_dir: Path, state: RunState, track
         state.record(stage, "interrupted")
         raise
     except Exception as exc:
-        cause = _remote_cause(exc)
+        cause = remote_cause(exc)
         log = save_traceback(run_dir, stage, "".join(traceback.format_exception(exc)))
         state.record(stage, "failed", error=f"{type(cause).__name__}: {cause}")
         log_stage(tracker, stage, {}, "failed")
@@ -156,15 +156,6 @@ def _run_stage(stage: str, config: Config, run_dir: Path, state: RunState, track
     return output
 
 
-def _remote_cause(exc: BaseException) -> BaseException:
-    """The exception a Ray task raised, without Ray's wrapper (whose text repeats the remote traceback)."""
-    from ray.exceptions import RayTaskError
-
-    while isinstance(exc, RayTaskError) and exc.cause is not None:
-        exc = exc.cause
-    return exc
-
-
 STAGE_DESCRIPTIONS = {
     "tokenizer": "train a byte-level BPE tokenizer on a sample of the corpus (or reuse a cached one)",
     "shard": "tokenize and pack the corpus into token shards (or reuse cached ones)",
@@ -174,11 +165,9 @@ STAGE_DESCRIPTIONS = {
 
 
 def _tokenizer(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutput:
-    import ray
-
     from pipeline.tokenizer import tokenizer_stage
 
-    result = ray.get(ray.remote(num_cpus=1)(tokenizer_stage).remote(config))
+    result = tokenizer_stage(config)
     tracker.log_artifact(result.path / "tokenizer.json", "tokenizer")
     return StageOutput(result.path, result.manifest.get("figures", {}), result.reused)
 

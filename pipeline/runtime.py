@@ -12,11 +12,18 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from pipeline.config import Config
+from pipeline.errors import UserError
+
+Task = TypeVar("Task")
+Result = TypeVar("Result")
+TASK_RETRIES = 3  # a task lost with its worker or node runs again elsewhere (tasks must be idempotent)
 
 
 def has_cuda() -> bool:
@@ -95,3 +102,92 @@ def quiet_ray_workers() -> None:
     frees the placement group with the job anyway (workers' output, library warnings included, stays in
     their Ray session log files: `ray_connection` does not forward it)."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def run_tasks(
+    config: Config,
+    work: Callable[[Task], Result],
+    tasks: Iterable[Task],
+    *,
+    reuse: Callable[[Task], Result | None] = lambda task: None,
+    follow_up: Callable[[Task, Result], Task | None] = lambda task, result: None,
+) -> Iterator[tuple[Task, Result, bool]]:
+    """Run `work(task)` for every task, at most `data.num_workers` at once, each as a Ray task on any node
+    (spread over the cluster), or one after another in this process when num_workers is 1 or there is
+    a single task. Yields
+    (task, result, reused) in completion order. `reuse(task)` may return a result already at hand,
+    which skips the run; `follow_up(task, result)` may return one more task, queued first. A task's
+    UserError is raised here as itself; the remaining tasks are cancelled."""
+    queue = deque(tasks)
+    if config.data.num_workers == 1 or len(queue) == 1:  # nothing to run side by side (a chain runs in turn)
+        while queue:
+            task = queue.popleft()
+            result = reuse(task)
+            reused = result is not None
+            result = result if reused else work(task)
+            yield task, result, reused
+            _queue_next(queue, follow_up(task, result))
+        return
+    import ray
+
+    with ray_connection(config):
+        remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(work)
+        running: dict = {}
+        try:
+            while queue or running:
+                while queue and len(running) < config.data.num_workers:
+                    task = queue.popleft()
+                    result = reuse(task)
+                    if result is None:
+                        running[remote.remote(task)] = task
+                        continue
+                    yield task, result, True
+                    _queue_next(queue, follow_up(task, result))
+                if running:
+                    [done], _ = ray.wait(list(running), num_returns=1)
+                    task = running.pop(done)
+                    result = remote_result(done)
+                    yield task, result, False
+                    _queue_next(queue, follow_up(task, result))
+        finally:
+            for ref in running:
+                ray.cancel(ref, force=True)
+
+
+def _queue_next(queue: deque, task: object | None) -> None:
+    if task is not None:
+        queue.appendleft(task)
+
+
+def remote_result(ref):
+    """ray.get, with a task's UserError raised as itself rather than in Ray's wrapper (other errors keep
+    the wrapper, whose text holds the remote traceback)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = remote_cause(exc)
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+
+
+def remote_cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised, without Ray's wrapper (whose text repeats the remote traceback)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc
+
+
+def current_node() -> str:
+    """The Ray node this process runs on (its node id), or "local" outside Ray."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return "local"
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"

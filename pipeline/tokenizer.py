@@ -1,7 +1,11 @@
 """Tokenizer stage: a byte-level BPE (GPT-2 pre-tokenizer) trained with HF `tokenizers`.
 
-The training sample is drawn from the training split only (so validation bits-per-byte is honest),
-each source contributing up to tokenizer.sample_bytes x its share of the weights, in corpus order.
+The training sample is drawn from the training split only (so validation bits-per-byte is honest).
+Each source contributes up to tokenizer.sample_bytes x its share of the weights, spread over its
+partitions in proportion to their size: every partition gives its first training documents that fit
+in its share (passing over those that do not, up to twice its share read), in parallel, one task per partition, and
+joined in plan order, so the sample is the same for any number of workers. With data.max_documents
+a source's partitions are read one after another, within the source's first max_documents documents.
 The output directory holds `tokenizer.json` plus `tokenizer_config.json` and
 `special_tokens_map.json`, which `transformers.AutoTokenizer.from_pretrained(dir)` loads.
 
@@ -11,8 +15,9 @@ any text (with tokenizer.nfc, for any NFC-normalized text).
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +25,14 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tqdm import tqdm
 
 from pipeline.artifacts import StageResult, atomic_write_json, build_stage, fingerprint
-from pipeline.config import Config, DataConfig
+from pipeline.config import Config, SourceConfig
 from pipeline.errors import DataError
-from pipeline.sources import corpus_identity, is_validation, make_readers
+from pipeline.partitions import SPLIT_BY_HASH, Partition, plan_corpus
+from pipeline.readers import PartitionReader
+from pipeline.runtime import run_tasks
+from pipeline.sources import corpus_identity, is_validation
 
-CODE_VERSION = "tokenizer-1"
+CODE_VERSION = "tokenizer-2"  # 2: the sample is drawn per partition
 TOKENIZER_FILE = "tokenizer.json"
 FAMILY_SPECIAL_TOKENS = {
     "gpt": ["<|endoftext|>"],
@@ -129,28 +137,80 @@ def bert_masking_ids(tokenizer: Tokenizer | str | Path) -> dict:
     return {"mask_token_id": special.mask, "special_token_ids": special.all}
 
 
-def sample_corpus(data: DataConfig, sample_bytes: int) -> Iterator[str]:
-    """Training-split documents, each source up to its weighted share of sample_bytes, with progress."""
+@dataclass(frozen=True)
+class SampleJob:
+    """One partition's part of the tokenizer sample: its first training documents up to `budget` bytes."""
+
+    partition: Partition
+    source: SourceConfig
+    val_permille: int
+    budget: int
+    limit: int | None  # data.max_documents left for this source, or None
+
+
+def sample_partition(job: SampleJob) -> dict:
+    """The partition's first training documents that fit in `budget` bytes together: a document that
+    does not fit is passed over, and reading stops once twice the budget has been read."""
+    reader = PartitionReader(job.partition, job.source, job.limit)
+    texts, size, scanned = [], 0, 0
+    hashed = job.partition.split == SPLIT_BY_HASH
+    for text in reader:
+        length = len(text.encode("utf-8"))
+        scanned += length
+        training = job.partition.split == "train" or hashed and not is_validation(text, job.val_permille)
+        if training and size + length <= job.budget:
+            texts.append(text)
+            size += length
+        if scanned >= 2 * job.budget or size == job.budget:
+            break
+    else:
+        return {"texts": texts, "bytes": size, "documents": reader.stats.documents, "exhausted": reader.stats.exhausted}
+    return {"texts": texts, "bytes": size, "documents": reader.stats.documents, "exhausted": False}
+
+
+def sample_corpus(config: Config) -> list[str]:
+    """The tokenizer's training sample, read by data.num_workers parallel tasks, in plan order."""
+    data, sample_bytes = config.data, config.tokenizer.sample_bytes
+    plan = plan_corpus(data)
     total_weight = sum(s.weight for s in data.sources)
-    with tqdm(total=sample_bytes, unit="B", unit_scale=True, desc="tokenizer sample", disable=None) as bar:
-        for reader in make_readers(data):
-            budget = int(sample_bytes * reader.source.weight / total_weight)
-            for document in reader:
-                if is_validation(document.text, data.val_permille):
-                    continue
-                size = len(document.text.encode("utf-8"))
-                if size > budget:
-                    break
-                budget -= size
-                bar.update(size)
-                yield document.text
+    jobs = []
+    for position, source in enumerate(data.sources):
+        mine = [p for p in plan if p.source == position]
+        budget = sample_bytes * source.weight / total_weight
+        sizes = [p.size for p in mine] if all(p.size for p in mine) else [1] * len(mine)
+        shares = [budget] + [0] * (len(mine) - 1) if data.max_documents else [budget * s / sum(sizes) for s in sizes]
+        jobs += [SampleJob(p, source, data.val_permille, int(b), data.max_documents) for p, b in zip(mine, shares)]
+    following = {jobs[i].partition.name: jobs[i + 1] for i in range(len(jobs) - 1)}
+    first = [job for job in jobs if not data.max_documents or job.partition.number == 0]
+
+    def follow_up(job: SampleJob, result: dict) -> SampleJob | None:
+        nxt = following.get(job.partition.name)
+        same_source = nxt is not None and nxt.partition.source == job.partition.source
+        if not data.max_documents or not result["exhausted"] or not same_source:
+            return None
+        return dataclasses.replace(nxt, budget=job.budget - result["bytes"], limit=job.limit - result["documents"])
+
+    parts = {}
+    total = None if data.max_documents else len(jobs)
+    with tqdm(total=total, unit="partition", desc="tokenizer sample", disable=None) as bar:
+        for job, result, _ in run_tasks(config, sample_partition, first, follow_up=follow_up):
+            parts[job.partition.name] = result["texts"]
+            bar.update(1)
+    return [text for p in plan if p.name in parts for text in parts[p.name]]
 
 
 def tokenizer_fingerprint(config: Config, corpus: list[dict]) -> str:
     """Everything the trained tokenizer depends on; `corpus` is sources.corpus_identity(config.data)."""
     data = config.data
     return fingerprint(
-        "tokenizer", CODE_VERSION, config.tokenizer, config.model.family, corpus, data.max_documents, data.val_permille
+        "tokenizer",
+        CODE_VERSION,
+        config.tokenizer,
+        config.model.family,
+        corpus,
+        data.max_documents,
+        data.val_permille,
+        data.partition_bytes,
     )
 
 
@@ -161,35 +221,31 @@ def tokenizer_stage(config: Config) -> StageResult:
 
     def build(directory: Path) -> dict:
         started = time.perf_counter()
-        sampled = {"documents": 0, "bytes": 0}
-
-        def counted(texts: Iterator[str]) -> Iterator[str]:
-            for text in texts:
-                sampled["documents"] += 1
-                sampled["bytes"] += len(text.encode("utf-8"))
-                yield text
-
         settings = config.tokenizer
+        texts = sample_corpus(config)
+        if not texts:
+            raise DataError(
+                "the tokenizer sample is empty: the corpus has no training-split document; add documents or "
+                "lower data.val_permille"
+            )
+        sample_seconds = time.perf_counter() - started
         tokenizer = train_tokenizer(
-            counted(sample_corpus(config.data, settings.sample_bytes)),
+            texts,
             family=config.model.family,
             vocab_size=settings.vocab_size,
             min_frequency=settings.min_frequency,
             nfc=settings.nfc,
         )
-        if sampled["documents"] == 0:
-            raise DataError(
-                "the tokenizer sample is empty: no training-split document fits "
-                f"tokenizer.sample_bytes={settings.sample_bytes}; raise it or add documents"
-            )
         save_tokenizer(tokenizer, config.model.family, directory)
         seconds = time.perf_counter() - started
+        sample_bytes = sum(len(t.encode("utf-8")) for t in texts)
         return {
             "vocab_size": tokenizer.get_vocab_size(),
-            "sample_documents": sampled["documents"],
-            "sample_bytes": sampled["bytes"],
+            "sample_documents": len(texts),
+            "sample_bytes": sample_bytes,
+            "sample_seconds": round(sample_seconds, 3),
             "seconds": round(seconds, 3),
-            "mb_per_s": round(sampled["bytes"] / 1e6 / seconds, 3),
+            "mb_per_s": round(sample_bytes / 1e6 / seconds, 3),
         }
 
     return build_stage(

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import SourceConfig, load_config
+from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
-from pipeline.sources import BUILTIN_STDLIB, SourceReader
+from pipeline.readers import source_texts
 from pipeline.tokenizer import (
     FAMILY_SPECIAL_TOKENS,
     load_tokenizer,
@@ -20,7 +20,7 @@ SMALL = ["data.max_documents=30", "tokenizer.vocab_size=400", "tokenizer.sample_
 
 @pytest.fixture(scope="module")
 def stdlib_texts():
-    return [d.text for d in SourceReader(0, SourceConfig(path=BUILTIN_STDLIB), max_documents=20)]
+    return list(source_texts(0, load_config(None, ["data.max_documents=20"]).data))
 
 
 @pytest.fixture(scope="module")
