@@ -1,11 +1,12 @@
-"""Tokenizer-stage training throughput versus calling HF `tokenizers` directly on the same text.
+"""Tokenizer-stage training throughput versus HF `tokenizers` trained directly on the same sample in memory.
 
-Both train a byte-level BPE with the same settings on the same sample (the stdlib corpus, capped at
---sample-bytes), alternately, --reps times; figures are medians. The stage's time includes reading
-the sources through `datasets`, the train/val hash, the progress bar and saving; the direct call
-gets the sample as an in-memory list. Prints one JSON line.
+Corpus: bench/corpus.py's generated JSONL (--megabytes). The stage (pipeline.tokenizer.tokenizer_stage,
+a fresh cache each time, data.num_workers=2 with Ray already started, as inside `pretrain run`) plans
+the partitions, draws its sample from them in parallel, trains and saves; the direct call trains a
+byte-level BPE with the same settings on the same sample, already a list in memory. The two alternate
+--reps times; figures are medians. Prints one JSON line.
 
-    .venv/bin/python bench/tokenizer.py [--sample-bytes 8000000] [--vocab-size 4096] [--reps 5]
+    .venv/bin/python bench/tokenizer.py [--megabytes 110] [--sample-bytes 16000000] [--vocab-size 8192] [--reps 3]
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from bench.corpus import generated_corpus  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.tokenizer import FAMILY_SPECIAL_TOKENS, sample_corpus, tokenizer_stage  # noqa: E402
+
+WORK = Path(tempfile.gettempdir()) / "bench-shard"  # shares bench/shard.py's generated corpus
 
 
 def train_directly(texts: list[str], vocab_size: int) -> None:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -44,28 +48,44 @@ def train_directly(texts: list[str], vocab_size: int) -> None:
 def main() -> None:
     sys.stdout = sys.stderr  # the stages' progress lines; only the JSON line goes to stdout
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sample-bytes", type=int, default=8_000_000)
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--megabytes", type=float, default=110)
+    parser.add_argument("--sample-bytes", type=int, default=16_000_000)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    overrides = [f"tokenizer.sample_bytes={args.sample_bytes}", f"tokenizer.vocab_size={args.vocab_size}"]
-    texts = list(sample_corpus(load_config(None, overrides).data, args.sample_bytes))
-    sample_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    stage_s, direct_s = [], []
-    for _ in range(args.reps):
-        with tempfile.TemporaryDirectory() as workdir:
+    import ray
+
+    WORK.mkdir(exist_ok=True)
+    corpus = generated_corpus(WORK / f"corpus-{args.megabytes:g}.jsonl", args.megabytes)
+    overrides = [
+        f"data.sources=[{{path: {corpus}}}]",
+        "data.num_workers=2",
+        f"tokenizer.sample_bytes={args.sample_bytes}",
+        f"tokenizer.vocab_size={args.vocab_size}",
+    ]
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", _temp_dir=str(WORK / "ray"))
+    try:
+        texts = sample_corpus(load_config(None, overrides))
+        sample_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+        stage_s, direct_s, sample_s = [], [], []
+        for _ in range(args.reps):
+            with tempfile.TemporaryDirectory(dir=WORK) as workdir:
+                started = time.perf_counter()
+                result = tokenizer_stage(load_config(None, [f"run.workdir={workdir}", *overrides]))
+                stage_s.append(time.perf_counter() - started)
+                sample_s.append(result.manifest["figures"]["sample_seconds"])
+                assert result.manifest["figures"]["sample_documents"] == len(texts)
             started = time.perf_counter()
-            result = tokenizer_stage(load_config(None, [f"run.workdir={workdir}", *overrides]))
-            stage_s.append(time.perf_counter() - started)
-            assert result.manifest["figures"]["sample_bytes"] == int(sample_mb * 1e6 + 0.5)
-        started = time.perf_counter()
-        train_directly(texts, args.vocab_size)
-        direct_s.append(time.perf_counter() - started)
+            train_directly(texts, args.vocab_size)
+            direct_s.append(time.perf_counter() - started)
+    finally:
+        ray.shutdown()
     stage, direct = statistics.median(stage_s), statistics.median(direct_s)
     print(
         json.dumps(
             {
                 "bench": "tokenizer",
+                "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
                 "sample_mb": round(sample_mb, 3),
                 "vocab_size": args.vocab_size,
                 "reps": args.reps,
@@ -73,6 +93,7 @@ def main() -> None:
                 "direct_mb_per_s": round(sample_mb / direct, 3),
                 "stage_over_direct": round(direct / stage, 3),
                 "stage_s": [round(s, 2) for s in stage_s],
+                "stage_sample_s": sample_s,
                 "direct_s": [round(s, 2) for s in direct_s],
                 "cpus": os.cpu_count(),
                 "load_avg_1m": os.getloadavg()[0],

@@ -421,6 +421,7 @@ def inspect_shards(shard_dir: str | Path) -> str:
         lines.append(
             f"source {source['name']}: weight {source['weight']:g} -> {source['target_share']:.1%} of "
             f"training tokens (natural {source['natural_share']:.1%}), {source['documents']:,} documents, "
-            f"{source['train_tokens']:,} train tokens, {source['invalid_utf8_bytes']} invalid UTF-8 bytes"
+            f"{source['train_tokens']:,} train tokens, {source['invalid_utf8_bytes']} invalid UTF-8 bytes, "
+            f"validation by {source.get('validation', 'hash')}, {source.get('partitions', '?')} partitions"
         )
     return "\n".join(lines)
