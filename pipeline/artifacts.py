@@ -175,12 +175,15 @@ def _build(
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (flock: released when the process dies, so never stale)."""
+    """An exclusive lock on `path` (flock: released when the process dies, so never stale). The file is
+    removed when the holder is done; a waiter then holds the removed file's lock, finds the entry built,
+    or builds it again into the same directory, which is safe: every file there is written atomically."""
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
+            path.unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

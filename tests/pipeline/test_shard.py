@@ -126,8 +126,8 @@ def test_a_source_failing_mid_stage_leaves_no_shard_directory(workdir, corpus):
     with pytest.raises(DataError, match=r"1 rows lack the text field `text` \(first: .*code.jsonl line 61\)"):
         shard_stage(config)
     assert len(list((workdir / "cache" / "tokenizer").iterdir())) == 1
-    # Bad input leaves nothing to resume (its fix changes the fingerprint): only the build's lock file.
-    assert [p.suffix for p in (workdir / "cache" / "shard").iterdir()] == [".lock"]
+    # Bad input leaves nothing to resume: its fix changes the fingerprint.
+    assert list((workdir / "cache" / "shard").iterdir()) == []
 
 
 def built_files(directory) -> dict[str, bytes]:
@@ -275,3 +275,30 @@ def test_partitions_run_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeypatc
     assert len(files_by_node) == 2 and all(files_by_node.values()), files_by_node
     assert two.manifest["figures"]["nodes"] == 2
     assert built_files(one.path) == built_files(two.path)
+
+
+@pytest.mark.slow
+def test_a_bad_line_read_in_a_ray_task_is_one_console_line_and_its_fix_works(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    write_corpus(corpus_dir, documents=600)
+    code = corpus_dir / "code.jsonl"
+    lines = code.read_text().splitlines(keepends=True)
+    good, lines[450] = lines[450], '{"text": "unterminated\n'
+    code.write_text("".join(lines))
+    command = [sys.executable, "-m", "launch.cli", "shard", str(ROOT / "configs" / "gpt-tiny.yaml")]
+    overrides = [
+        f"run.workdir={tmp_path / 'work'}",
+        f"data.sources=[{{path: {code}}}, {{path: {corpus_dir}/prose.txt, text_unit: paragraph}}]",
+        "data.num_workers=2",
+        "data.partition_bytes=4096",
+        "data.val_permille=200",
+        "tokenizer.vocab_size=300",
+    ]
+    failed = subprocess.run([*command, *overrides], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert failed.returncode != 0
+    [line] = failed.stderr.strip().splitlines()  # no Ray or task traceback on the console
+    assert f"{code} line 451: not valid JSON" in line and "fix or remove the line" in line
+    code.write_text("".join([*lines[:450], good, *lines[451:]]))  # what the message says: fix the line
+    fixed = subprocess.run([*command, *overrides], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "shards:" in fixed.stdout
