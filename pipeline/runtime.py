@@ -8,6 +8,7 @@ more intra-op threads than torchrun gives a rank, so float sums would no longer 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -131,7 +132,7 @@ def run_tasks(
     import ray
 
     with ray_connection(config):
-        remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(work)
+        remote = _remote_function(work)
         running: dict = {}
         try:
             while queue or running:
@@ -152,6 +153,14 @@ def run_tasks(
         finally:
             for ref in running:
                 ray.cancel(ref, force=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _remote_function(work: Callable):
+    """The Ray remote version of `work`, registered with the cluster once per process."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(work)
 
 
 def _queue_next(queue: deque, task: object | None) -> None:

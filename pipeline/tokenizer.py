@@ -3,9 +3,11 @@
 The training sample is drawn from the training split only (so validation bits-per-byte is honest).
 Each source contributes up to tokenizer.sample_bytes x its share of the weights, spread over its
 partitions in proportion to their size: every partition gives its first training documents that fit
-in its share (passing over those that do not, up to twice its share read), in parallel, one task per partition, and
-joined in plan order, so the sample is the same for any number of workers. With data.max_documents
+in its share (passing over those that do not, up to twice its share read). The partitions are read
+in parallel, one task each, and fed to the trainer in plan order as they arrive (the trainer counts
+while the reads go on), so the sample is the same for any number of workers. With data.max_documents
 a source's partitions are read one after another, within the source's first max_documents documents.
+
 The output directory holds `tokenizer.json` plus `tokenizer_config.json` and
 `special_tokens_map.json`, which `transformers.AutoTokenizer.from_pretrained(dir)` loads.
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,7 +170,7 @@ def sample_partition(job: SampleJob) -> dict:
     return {"texts": texts, "bytes": size, "documents": reader.stats.documents, "exhausted": False}
 
 
-def sample_corpus(config: Config) -> list[str]:
+def sample_corpus(config: Config) -> Iterator[str]:
     """The tokenizer's training sample, read by data.num_workers parallel tasks, in plan order."""
     data, sample_bytes = config.data, config.tokenizer.sample_bytes
     plan = plan_corpus(data)
@@ -190,13 +192,20 @@ def sample_corpus(config: Config) -> list[str]:
             return None
         return dataclasses.replace(nxt, budget=job.budget - result["bytes"], limit=job.limit - result["documents"])
 
-    parts = {}
+    names = [job.partition.name for job in jobs]  # plan order
+    parts, released = {}, 0
     total = None if data.max_documents else len(jobs)
     with tqdm(total=total, unit="partition", desc="tokenizer sample", disable=None) as bar:
         for job, result, _ in run_tasks(config, sample_partition, first, follow_up=follow_up):
             parts[job.partition.name] = result["texts"]
             bar.update(1)
-    return [text for p in plan if p.name in parts for text in parts[p.name]]
+            # The trainer counts words while later partitions are still being read; a capped source's
+            # chain may still grow, so its texts wait for the end.
+            while not data.max_documents and released < len(names) and names[released] in parts:
+                yield from parts.pop(names[released])
+                released += 1
+    for name in names[released:]:
+        yield from parts.pop(name, [])
 
 
 def tokenizer_fingerprint(config: Config, corpus: list[dict]) -> str:
@@ -222,30 +231,34 @@ def tokenizer_stage(config: Config) -> StageResult:
     def build(directory: Path) -> dict:
         started = time.perf_counter()
         settings = config.tokenizer
-        texts = sample_corpus(config)
-        if not texts:
-            raise DataError(
-                "the tokenizer sample is empty: the corpus has no training-split document; add documents or "
-                "lower data.val_permille"
-            )
-        sample_seconds = time.perf_counter() - started
+        sampled = {"documents": 0, "bytes": 0}
+
+        def counted(texts: Iterator[str]) -> Iterator[str]:
+            for text in texts:
+                sampled["documents"] += 1
+                sampled["bytes"] += len(text.encode("utf-8"))
+                yield text
+
         tokenizer = train_tokenizer(
-            texts,
+            counted(sample_corpus(config)),
             family=config.model.family,
             vocab_size=settings.vocab_size,
             min_frequency=settings.min_frequency,
             nfc=settings.nfc,
         )
+        if sampled["documents"] == 0:
+            raise DataError(
+                "the tokenizer sample is empty: the corpus has no training-split document; add documents or "
+                "lower data.val_permille"
+            )
         save_tokenizer(tokenizer, config.model.family, directory)
         seconds = time.perf_counter() - started
-        sample_bytes = sum(len(t.encode("utf-8")) for t in texts)
         return {
             "vocab_size": tokenizer.get_vocab_size(),
-            "sample_documents": len(texts),
-            "sample_bytes": sample_bytes,
-            "sample_seconds": round(sample_seconds, 3),
+            "sample_documents": sampled["documents"],
+            "sample_bytes": sampled["bytes"],
             "seconds": round(seconds, 3),
-            "mb_per_s": round(sample_bytes / 1e6 / seconds, 3),
+            "mb_per_s": round(sampled["bytes"] / 1e6 / seconds, 3),
         }
 
     return build_stage(
