@@ -444,6 +444,22 @@ def test_training_refuses_changed_data_before_the_first_step(tiny_shard_dir, tmp
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
+def test_checksums_are_verified_by_one_rank_while_the_others_wait(tiny_shard_dir, tmp_path):
+    """A flipped byte keeps the sizes every rank checks, so only the rank that hashes can see it: the
+    error comes once, from rank 0, and rank 1 never reaches a step."""
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shard_dir, copy)
+    shard = copy / json.loads((copy / "index.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    run_dir = make_run_dir(tmp_path / "run", [])
+    output = failing_run(run_dir, copy, tmp_path / "tmp")
+    assert output.count(f"shard {shard.name} fails its sha256 check") == 1, output[-4000:]
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Checkpoints that carry code
 
