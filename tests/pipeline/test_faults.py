@@ -454,7 +454,7 @@ def test_checksums_are_verified_by_one_rank_while_the_others_wait(tiny_shard_dir
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
-    run_dir = make_run_dir(tmp_path / "run", [])
+    run_dir = make_run_dir(tmp_path / "run", ["data.verify_checksums=true"])
     output = failing_run(run_dir, copy, tmp_path / "tmp")
     assert output.count(f"shard {shard.name} fails its sha256 check") == 1, output[-4000:]
     assert not (run_dir / "metrics.jsonl").exists()
