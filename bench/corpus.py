@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.readers import source_texts
+from pipeline.data.readers import source_texts
 
 
 def generated_corpus(path: Path, megabytes: float) -> Path:

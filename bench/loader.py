@@ -31,17 +31,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.artifacts import atomic_write_json  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import (  # noqa: E402
-    INDEX_FILE,
-    INDEX_FORMAT_VERSION,
-    SHARD_TOKENIZER_DIR,
-    BatchLoader,
-    TokenDataset,
-)
-from pipeline.partitions import Partition  # noqa: E402
-from pipeline.shard_index import ShardWriter  # noqa: E402
+from pipeline.data.loader import BatchLoader, TokenDataset  # noqa: E402
+from pipeline.data.partitions import Partition  # noqa: E402
+from pipeline.data.shard_index import ShardWriter  # noqa: E402
+from pipeline.data.shards import INDEX_FILE, INDEX_FORMAT_VERSION, SHARD_TOKENIZER_DIR  # noqa: E402
+from pipeline.run.artifacts import atomic_write_json  # noqa: E402
 
 VOCAB = 4096
 CHUNK_TOKENS = 1 << 22
@@ -93,7 +88,7 @@ def loader_tokens_per_s(shard_dir: Path, micro_batch: int, seq_len: int, seconds
 def training_tokens_per_s(steps: int = 6) -> float:
     import torch
 
-    from pipeline.modeling import build_model
+    from pipeline.training.modeling import build_model
 
     config = load_config(REPO / "configs" / "gpt-tiny.yaml")
     model = build_model(config)
@@ -113,7 +108,7 @@ def training_tokens_per_s(steps: int = 6) -> float:
 MEMORY_PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[3])
-from pipeline.data import BatchLoader, TokenDataset
+from pipeline.data.loader import BatchLoader, TokenDataset
 loader = BatchLoader(TokenDataset(sys.argv[1]), family="gpt", seq_len=128, micro_batch_size=8, rank=0,
                      world_size=1, seed=0)
 for _ in range(int(sys.argv[2])):

@@ -76,7 +76,7 @@ def masking_cost(rounds: int = 9, steps: int = 10) -> float:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.modeling import build_model
+    from pipeline.training.modeling import build_model
 
     torch.manual_seed(0)
     model = build_model(load_config(REPO / "configs" / "gpt-tiny.yaml"))

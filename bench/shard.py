@@ -3,7 +3,7 @@ the driver's CPU cost, and peak memory of the driver and of a worker at 1x and 4
 
 Corpus: bench/corpus.py's generated JSONL (the stdlib, copied), --megabytes big (at least 100).
 The tokenizer (--vocab-size) is trained once beforehand. Each repetition runs, side by side:
-  - the shard stage (pipeline.shard.shard_stage, a fresh cache each time) with data.num_workers=1
+  - the shard stage (pipeline.data.shard.shard_stage, a fresh cache each time) with data.num_workers=1
     (in the driver process) and with 2 (one Ray task per partition; Ray already started, as inside
     `pretrain run`), recording its tokens/s and the driver's CPU seconds;
   - raw `Tokenizer.encode`, one document at a time on one thread, over every 8th document (the corpus
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.corpus import generated_corpus  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.readers import source_texts  # noqa: E402
-from pipeline.shard import shard_stage  # noqa: E402
-from pipeline.tokenizer import load_tokenizer, tokenizer_stage  # noqa: E402
+from pipeline.data.readers import source_texts  # noqa: E402
+from pipeline.data.shard import shard_stage  # noqa: E402
+from pipeline.data.tokenizer import load_tokenizer, tokenizer_stage  # noqa: E402
 
 WORK = Path(tempfile.gettempdir()) / "bench-shard"
 

@@ -1,6 +1,6 @@
 """Tokenizer-stage training throughput versus HF `tokenizers` trained directly on the same sample in memory.
 
-Corpus: bench/corpus.py's generated JSONL (--megabytes). The stage (pipeline.tokenizer.tokenizer_stage,
+Corpus: bench/corpus.py's generated JSONL (--megabytes). The stage (pipeline.data.tokenizer.tokenizer_stage,
 a fresh cache each time, data.num_workers=2 with Ray already started, as inside `pretrain run`) plans
 the partitions, draws its sample from them in parallel, trains and saves; the direct call trains a
 byte-level BPE with the same settings on the same sample, already a list in memory. The two alternate
@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 
 from bench.corpus import generated_corpus  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.tokenizer import FAMILY_SPECIAL_TOKENS, sample_corpus, tokenizer_stage  # noqa: E402
+from pipeline.data.tokenizer import FAMILY_SPECIAL_TOKENS, sample_corpus, tokenizer_stage  # noqa: E402
 
 WORK = Path(tempfile.gettempdir()) / "bench-shard"  # shares bench/shard.py's generated corpus
 

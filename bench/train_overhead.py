@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loader import VOCAB, synthetic_shards  # noqa: E402  (bench/loader.py)
 
 from pipeline.config import dump_config, load_config  # noqa: E402
-from pipeline.data import TokenDataset  # noqa: E402
-from pipeline.engine import lr_multiplier, param_groups  # noqa: E402
-from pipeline.modeling import build_model  # noqa: E402
+from pipeline.data.loader import TokenDataset  # noqa: E402
+from pipeline.training.engine import lr_multiplier, param_groups  # noqa: E402
 from pipeline.training.loop import make_loader, setup, train  # noqa: E402
+from pipeline.training.modeling import build_model  # noqa: E402
 
 MODEL = [
     "model.d_model=256",

@@ -62,7 +62,7 @@ DEEPSPEED_DEFAULT_BUCKETS = (
     "stage3_param_persistence_threshold: 100000}}"
 )
 GIB = 1024**3
-SETTINGS = {  # name -> (config overrides, build under zero.Init (pipeline.engine.create_model), environment)
+SETTINGS = {  # name -> (config overrides, build under zero.Init (pipeline.training.engine.create_model), environment)
     "default": ([DEEPSPEED_DEFAULT_BUCKETS], False, {}),
     "sized": ([], True, {}),
     "sized_malloc": ([], True, {"MALLOC_MMAP_THRESHOLD_": "131072"}),
@@ -114,13 +114,13 @@ def _tensors(value, depth: int):
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from pipeline import engine as ds_engine
-    from pipeline.data import TokenDataset
-    from pipeline.ds_config import deepspeed_config
-    from pipeline.modeling import build_model
+    from pipeline.data.loader import TokenDataset
+    from pipeline.training import engine
+    from pipeline.training.ds_config import deepspeed_config
     from pipeline.training.loop import make_loader
+    from pipeline.training.modeling import build_model
 
-    ds_engine.init_distributed()
+    engine.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     overrides, zero_init, _ = SETTINGS[args.setting]
@@ -130,14 +130,14 @@ def worker(args) -> None:
     with torch.device("meta"):
         n_params = sum(p.numel() for p in build_model(config).parameters())
     ds_config = deepspeed_config(config.train, world, num_parameters=n_params, d_model=config.model.d_model)
-    model = ds_engine.create_model(config, ds_config) if zero_init else build_model(config)
-    engine = ds_engine.initialize(model, config.train, ds_config)
+    model = engine.create_model(config, ds_config) if zero_init else build_model(config)
+    model_engine = engine.initialize(model, config.train, ds_config)
     loader = make_loader(TokenDataset(args.shards), config, rank, world)
     for step in range(config.train.max_steps):
-        engine.backward(engine(**loader.next_batch()).loss)
+        model_engine.backward(model_engine(**loader.next_batch()).loss)
         if step == config.train.max_steps - 1:
-            held = held_bytes(engine)
-        ds_engine.optimizer_step(engine)
+            held = held_bytes(model_engine)
+        engine.optimizer_step(model_engine)
     result = {
         "rank": rank,
         "held": held,

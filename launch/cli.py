@@ -15,7 +15,7 @@ from launch import console
 from launch.slurm.commands import add_slurm_commands
 from pipeline.config import config_reference_markdown, dump_config, load_config
 from pipeline.errors import UserError
-from pipeline.rundir import (
+from pipeline.run.rundir import (
     CONFIG_FILE,
     EVAL_DIR,
     LOGS_DIR,
@@ -60,7 +60,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline.plan import format_plan, make_plan
+    from pipeline.training.plan import format_plan, make_plan
 
     plan = make_plan(_load(args))
     if args.json:
@@ -90,7 +90,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _run(config, **stages) -> dict:
     """The pipeline, with the library log in the run's logs/driver.log."""
-    from pipeline.orchestrate import run_pipeline
+    from pipeline.run.orchestrate import run_pipeline
 
     console.log_to(run_dir_of(absolute_paths(config)) / LOGS_DIR / "driver.log")
     return run_pipeline(config, **stages)
@@ -107,7 +107,7 @@ def _print_run_summary(config, results: dict) -> None:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from pipeline.tokenizer import tokenizer_stage
+    from pipeline.data.tokenizer import tokenizer_stage
 
     result = tokenizer_stage(_load(args))
     print(f"tokenizer: {result.path}{' (reused)' if result.reused else ''}")
@@ -115,8 +115,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from pipeline.data import inspect_shards
-    from pipeline.shard import shard_stage
+    from pipeline.data.inspect import inspect_shards
+    from pipeline.data.shard import shard_stage
 
     result = shard_stage(_load(args))
     print(f"shards: {result.path}{' (reused)' if result.reused else ''}")
@@ -125,14 +125,14 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    from pipeline.data import inspect_shards
+    from pipeline.data.inspect import inspect_shards
 
     print(inspect_shards(args.shard_dir))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.orchestrate import evaluate_existing_run
+    from pipeline.run.orchestrate import evaluate_existing_run
 
     run_dir = Path(args.run_dir)
     tasks = [task for item in args.lm_eval for task in item.split(",") if task] if args.lm_eval else None
@@ -148,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_hf
+    from pipeline.eval.export import export_hf
 
     run_dir = Path(args.run_dir)
     out = export_hf(load_config(config_path(run_dir)), run_dir, Path(args.out), args.checkpoint)

@@ -6,7 +6,7 @@ the project never configure logging or change the environment):
 - every library logger (Ray, MLflow, DeepSpeed, torch, transformers, ...) goes to a log file: the run's
   `logs/driver.log` once a run directory is known, before that a file under the temp directory;
 - MLflow is told not to install its own stderr handler, and Ray workers' output stays in the Ray
-  session logs (pipeline/runtime.py attaches without forwarding it).
+  session logs (pipeline/run/runtime.py attaches without forwarding it).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ from models.bert import BERT
 from models.gpt import GPT, sample_next_token
 from models.hf import from_hf, from_hf_config, hf_arch, load_hf_state_dict, to_hf, to_hf_config, to_hf_state_dict
 from models.layers import (
-    ModelConfig,
     ModelOutput,
+    TransformerConfig,
     activation_memory_bytes,
     flops_per_token,
     matmul_parameters,
@@ -16,7 +16,7 @@ from models.layers import (
 __all__ = [
     "BERT",
     "GPT",
-    "ModelConfig",
+    "TransformerConfig",
     "ModelOutput",
     "activation_memory_bytes",
     "flops_per_token",

@@ -1,16 +1,16 @@
 """Bidirectional encoder with a masked-language-model head (BERT). BERT-base itself is post-norm with
-an embedding LayerNorm, learned positions, two token types and exact (erf) GELU; ModelConfig also
+an embedding LayerNorm, learned positions, two token types and exact (erf) GELU; TransformerConfig also
 allows the pre-norm, RMSNorm, rotary and SwiGLU variants."""
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import ModelConfig, ModelOutput, Transformer, init_weights, make_norm
+from models.layers import ModelOutput, Transformer, TransformerConfig, init_weights, make_norm
 
 
 class BERT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: TransformerConfig):
         super().__init__()
         assert config.family == "bert", f"BERT needs family='bert', got {config.family!r}"
         self.config = config

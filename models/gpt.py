@@ -1,15 +1,15 @@
 """Decoder-only causal language model: GPT-2 with learned positions, LayerNorm and GELU, or Llama-style
-with rotary positions, RMSNorm, SwiGLU and grouped-query attention, chosen by ModelConfig."""
+with rotary positions, RMSNorm, SwiGLU and grouped-query attention, chosen by TransformerConfig."""
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import ModelConfig, ModelOutput, Transformer, init_weights
+from models.layers import ModelOutput, Transformer, TransformerConfig, init_weights
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: TransformerConfig):
         super().__init__()
         assert config.family == "gpt", f"GPT needs family='gpt', got {config.family!r}"
         self.config = config

@@ -1,4 +1,4 @@
-"""Hugging Face interoperability: which transformers class matches a ModelConfig, its config, and the
+"""Hugging Face interoperability: which transformers class matches a TransformerConfig, its config, and the
 weights in both directions.
 
   our GPT, learned positions + LayerNorm + GELU + biases   <->  GPT2LMHeadModel
@@ -17,11 +17,11 @@ import torch.nn as nn
 
 from models.bert import BERT
 from models.gpt import GPT
-from models.layers import ModelConfig
+from models.layers import TransformerConfig
 
 _HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
 
-# The HF config each architecture fixes; a differing ModelConfig field has no equivalent there.
+# The HF config each architecture fixes; a differing TransformerConfig field has no equivalent there.
 _REQUIRED = {
     "gpt2": dict(
         position="learned", norm="layernorm", norm_position="pre", activation="gelu", bias=True, type_vocab_size=0
@@ -91,7 +91,7 @@ _TIED_EMBEDDINGS = {
 _ALWAYS_TIED = {"bert": [("cls.predictions.bias", "cls.predictions.decoder.bias")]}
 
 
-def hf_arch(cfg: ModelConfig) -> str:
+def hf_arch(cfg: TransformerConfig) -> str:
     """The HF architecture equivalent to cfg: "gpt2" | "llama" | "bert"; else a ValueError naming the field."""
     if cfg.family == "bert":
         arch = "bert"
@@ -108,11 +108,11 @@ def hf_arch(cfg: ModelConfig) -> str:
     return arch
 
 
-def _gelu_name(cfg: ModelConfig) -> str:
+def _gelu_name(cfg: TransformerConfig) -> str:
     return "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu"
 
 
-def to_hf_config(cfg: ModelConfig):
+def to_hf_config(cfg: TransformerConfig):
     """The transformers config of hf_arch(cfg). Special-token ids other than padding are left unset
     (None): they belong to the tokenizer, and the exporter fills them in."""
     import transformers
@@ -169,8 +169,8 @@ def to_hf_config(cfg: ModelConfig):
     )
 
 
-def from_hf_config(hf_config) -> ModelConfig:
-    """The ModelConfig of a GPT2, Llama or BERT transformers config; ValueError for other models."""
+def from_hf_config(hf_config) -> TransformerConfig:
+    """The TransformerConfig of a GPT2, Llama or BERT transformers config; ValueError for other models."""
     kind, c = hf_config.model_type, hf_config
     common = dict(
         vocab_size=c.vocab_size,
@@ -179,7 +179,7 @@ def from_hf_config(hf_config) -> ModelConfig:
         pad_token_id=c.pad_token_id,
     )
     if kind == "gpt2":
-        return ModelConfig(
+        return TransformerConfig(
             family="gpt",
             max_seq_len=c.n_positions,
             d_model=c.n_embd,
@@ -198,7 +198,7 @@ def from_hf_config(hf_config) -> ModelConfig:
             raise ValueError("only Llama configs with default rope, silu and attention_bias == mlp_bias map onto GPT")
         if getattr(c, "head_dim", None) not in (None, c.hidden_size // c.num_attention_heads):
             raise ValueError(f"Llama head_dim={c.head_dim} must be hidden_size / num_attention_heads")
-        return ModelConfig(
+        return TransformerConfig(
             family="gpt",
             max_seq_len=c.max_position_embeddings,
             d_model=c.hidden_size,
@@ -216,7 +216,7 @@ def from_hf_config(hf_config) -> ModelConfig:
             **common,
         )
     if kind == "bert":
-        return ModelConfig(
+        return TransformerConfig(
             family="bert",
             max_seq_len=c.max_position_embeddings,
             d_model=c.hidden_size,
@@ -256,7 +256,7 @@ def _is_conv1d(arch: str, hf_name: str, tensor: torch.Tensor) -> bool:
     return arch == "gpt2" and hf_name.startswith("transformer.h.") and tensor.dim() == 2
 
 
-def _tied_keys(arch: str, cfg: ModelConfig) -> list[tuple[str, str]]:
+def _tied_keys(arch: str, cfg: TransformerConfig) -> list[tuple[str, str]]:
     return _ALWAYS_TIED.get(arch, []) + ([_TIED_EMBEDDINGS[arch]] if cfg.tie_embeddings else [])
 
 
@@ -297,7 +297,7 @@ def load_hf_state_dict(model: nn.Module, hf_state_dict: dict[str, torch.Tensor])
     model.load_state_dict(ours, strict=False)
 
 
-def from_hf(hf_model) -> tuple[ModelConfig, nn.Module]:
+def from_hf(hf_model) -> tuple[TransformerConfig, nn.Module]:
     """(config, our GPT or BERT) holding the weights of a GPT2LMHeadModel, LlamaForCausalLM or
     BertForMaskedLM."""
     cfg = from_hf_config(hf_model.config)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 
 @dataclass
-class ModelConfig:
+class TransformerConfig:
     """Shape and flavour of a GPT or BERT model; the pipeline's model section maps onto it 1:1."""
 
     family: str  # "gpt" (causal LM) | "bert" (masked LM)
@@ -80,7 +80,7 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, vocab_size)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)  # weight only, as in Llama
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
@@ -95,7 +95,9 @@ def sinusoidal_positions(seq_len: int, dim: int, device=None) -> torch.Tensor:
     return table.flatten(1)[:, :dim]
 
 
-def rope_cos_sin(seq_len: int, cfg: ModelConfig, device=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    seq_len: int, cfg: TransformerConfig, device=None, positions=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary angles in Llama's layout: the frequencies repeat over both halves of head_dim, to pair
     with rotate_half. Computed in fp32, as HF does, so bf16 runs rotate by the same angles. (seq_len,
     head_dim) each, or (B, 1, seq_len, head_dim) for per-document `positions` (B, seq_len)."""
@@ -168,7 +170,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Multi-head self-attention through SDPA, with grouped-query attention when kv_heads < n_heads."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
         # One fused projection: a single matmul for q, k and v, split afterwards.
@@ -201,7 +203,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """GELU MLP (down(gelu(up x))) or SwiGLU (down(silu(gate x) * up x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
         self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
@@ -222,7 +224,7 @@ class Block(nn.Module):
     """Attention then MLP, each a residual branch. Pre-norm normalises the branch input (stable
     when deep, GPT-2/Llama); post-norm normalises the sum (original Transformer, BERT)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
@@ -241,7 +243,7 @@ class Embeddings(nn.Module):
     embeddings. Post-norm models also normalise the sum, as BERT does: every later block input is
     normalised, so the first one is too."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
@@ -274,7 +276,7 @@ class Embeddings(nn.Module):
 class Transformer(nn.Module):
     """Embeddings, the block stack and, for pre-norm, the final norm: input ids -> hidden states."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = Embeddings(cfg)
@@ -301,7 +303,7 @@ class Transformer(nn.Module):
         return self.final_norm(x) if self.cfg.norm_position == "pre" else x
 
 
-def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+def init_weights(model: nn.Module, cfg: TransformerConfig) -> None:
     """GPT-2 initialisation: weights N(0, init_std), biases 0, norms 1; the projections that write
     into the residual stream (attention out, MLP down) get std / sqrt(2 * n_layers), so the
     stream's variance does not grow with depth (two residual additions per layer)."""
@@ -330,7 +332,7 @@ def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return total
 
 
-def matmul_parameters(cfg: ModelConfig) -> int:
+def matmul_parameters(cfg: TransformerConfig) -> int:
     """Weights that take part in a matmul per token: every block's q/k/v/out and MLP matrices, plus
     the output projection to the vocabulary (a matmul whether or not it is tied), plus BERT's MLM
     head transform. Biases and norms are left out: they cost O(1) FLOPs per parameter, not 2."""
@@ -340,7 +342,7 @@ def matmul_parameters(cfg: ModelConfig) -> int:
     return cfg.n_layers * (attention + mlp) + head_transform + cfg.d_model * cfg.vocab_size
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+def flops_per_token(cfg: TransformerConfig, seq_len: int) -> int:
     """Training FLOPs per token (forward + backward), PaLM appendix B:
 
         6 * N + 12 * n_layers * d_model * seq_len
@@ -352,7 +354,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * matmul_parameters(cfg) + 12 * cfg.n_layers * cfg.d_model * seq_len
 
 
-def activation_memory_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, bytes_per_value: int) -> int:
+def activation_memory_bytes(cfg: TransformerConfig, micro_batch: int, seq_len: int, bytes_per_value: int) -> int:
     """Activations one micro-batch keeps for backward, after Korthikanti et al. 2022 ("Reducing
     Activation Recomputation", no tensor/sequence parallelism, no recomputation).
 

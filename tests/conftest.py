@@ -24,7 +24,7 @@ TINY_DATA_OVERRIDES = [
 
 def build_tiny_shards(workdir: Path, family: str) -> Path:
     from pipeline.config import load_config
-    from pipeline.shard import shard_stage
+    from pipeline.data.shard import shard_stage
 
     config = load_config(None, [f"run.workdir={workdir}", f"model.family={family}", *TINY_DATA_OVERRIDES])
     return shard_stage(config).path

@@ -12,7 +12,9 @@ directory (same MLflow run, exact data position).
     jobs.py       sbatch, the run's job record, resubmission and `pretrain status`
     commands.py   the `submit` and `status` subcommands
     job.py        helpers the script runs inside the job: `python -m launch.slurm ...`
-    pretrain.sbatch  the template (package data)
+
+The job script template, its README and commented examples are in the top-level slurm/ folder
+(package data of the wheel).
 
 Files:
     <run_dir>/slurm/config.yaml       the config the job runs

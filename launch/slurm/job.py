@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_write_json
 from pipeline.errors import SlurmError
-from pipeline.rundir import checkpoints_dir, is_complete, latest_pointer
+from pipeline.run.artifacts import atomic_write_json
+from pipeline.training.checkpoint import checkpoints_dir, is_complete, latest_pointer
 
 
 def wait_for_ray_nodes(expected: int, timeout_s: float, watch_pids: list[int]) -> str:

@@ -14,23 +14,13 @@ import yaml
 
 from launch.slurm.render import RunTask, cluster_overrides, sweep_base
 from launch.slurm.settings import SlurmSettings
-from pipeline.artifacts import atomic_write_json, atomic_write_text
 from pipeline.config import dump_config, load_config
 from pipeline.errors import CheckpointError, SlurmError
-from pipeline.rundir import (
-    CONFIG_FILE,
-    JOBS_FILE,
-    METRICS_FILE,
-    SLURM_DIR,
-    TARGET_FILE,
-    RunState,
-    latest_tag,
-    read_trainer_state,
-    resolve_checkpoint,
-    run_dir_of,
-)
+from pipeline.run.artifacts import atomic_write_json, atomic_write_text
+from pipeline.run.rundir import CONFIG_FILE, JOBS_FILE, METRICS_FILE, SLURM_DIR, TARGET_FILE, RunState, run_dir_of
 from pipeline.tracking.journal import last_metric, mlflow_run_id
 from pipeline.tracking.names import METRIC_TRAIN_LOSS
+from pipeline.training.checkpoint import latest_tag, read_trainer_state, resolve_checkpoint
 
 # Job states in which a run already has a job that will (re)start or is running.
 ACTIVE_STATES = {

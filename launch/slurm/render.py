@@ -14,13 +14,13 @@ from typing import Any
 from launch.slurm.settings import SlurmSettings
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, SlurmError
-from pipeline.rundir import run_dir_of
+from pipeline.run.rundir import run_dir_of
 
-TEMPLATE = "pretrain.sbatch"  # package data of launch.slurm
+TEMPLATE = "pretrain.sbatch"  # the top-level slurm/ folder, shipped in the wheel as package data
 
 
 def template_text() -> str:
-    return resources.files("launch.slurm").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    return resources.files("slurm").joinpath(TEMPLATE).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,7 @@ FLAG_FIELDS = {
     "qos": str,
     "job_name": str,
     "signal_seconds": int,
+    "array_parallel": int,
 }
 
 

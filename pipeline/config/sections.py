@@ -1,31 +1,17 @@
-"""The experiment config: typed sections, YAML loading, dot-path overrides, one-line errors.
+"""The config's sections: one typed pydantic model per YAML section, every field described.
 
-This module imports no torch, deepspeed or ray, so a config validates anywhere in milliseconds.
-Every field has a description; `pretrain config reference` and the README render them.
+Unknown keys are rejected (`extra="forbid"`), booleans are never taken as numbers, and a validator's
+message names the key and the fix. The root model that holds the sections is in schema.py.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-
-from pipeline.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -47,27 +33,33 @@ def _is_number(annotation: Any) -> bool:
     return any(option in (int, float) or type(option) is int for option in options)
 
 
-def _check(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def shown(value: Any) -> str:
+    """A value as a message quotes it: its repr, cut to 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_json(value: Any, key: str, open_ids: set[int]) -> None:
     """DeepSpeed configs are JSON: strings, finite numbers, booleans, null, lists, string-keyed mappings."""
     if isinstance(value, (dict, list)):
-        _check(id(value) not in open_ids, f"{key} contains itself (a YAML alias loop); write it out")
+        check(id(value) not in open_ids, f"{key} contains itself (a YAML alias loop); write it out")
         open_ids.add(id(value))
         for item_key, item in value.items() if isinstance(value, dict) else enumerate(value):
-            _check(
+            check(
                 isinstance(item_key, str) or isinstance(value, list),
                 f"{key} has the non-string key {item_key!r}; quote it",
             )
             _check_json(item, f"{key}.{item_key}", open_ids)
         open_ids.discard(id(value))
         return
-    _check(
+    check(
         value is None or isinstance(value, (str, int)) or isinstance(value, float) and math.isfinite(value),
-        f"{key}={_shown(value)} is not a JSON value (string, finite number, boolean, null, list or mapping); quote it",
+        f"{key}={shown(value)} is not a JSON value (string, finite number, boolean, null, list or mapping); quote it",
     )
 
 
@@ -163,7 +155,7 @@ class TokenizerConfig(Section):
 
     @model_validator(mode="after")
     def _vocab_covers_bytes(self) -> TokenizerConfig:
-        _check(
+        check(
             self.vocab_size >= 256 + 8,
             f"tokenizer.vocab_size={self.vocab_size} is too small: a byte-level "
             "BPE needs the 256 byte tokens plus the special tokens; use at least 264",
@@ -171,7 +163,7 @@ class TokenizerConfig(Section):
         return self
 
 
-class ModelSection(Section):
+class ModelConfig(Section):
     family: Literal["gpt", "bert"] = Field(
         "gpt", description="`gpt`: decoder-only causal LM; `bert`: encoder with a masked-LM head."
     )
@@ -212,19 +204,19 @@ class ModelSection(Section):
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight init.")
 
     @model_validator(mode="after")
-    def _shapes_agree(self) -> ModelSection:
-        _check(
+    def _shapes_agree(self) -> ModelConfig:
+        check(
             self.d_model % self.n_heads == 0, f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}"
         )
         kv = self.n_kv_heads or self.n_heads
-        _check(self.n_heads % kv == 0, f"model.n_kv_heads={kv} must divide model.n_heads={self.n_heads}")
+        check(self.n_heads % kv == 0, f"model.n_kv_heads={kv} must divide model.n_heads={self.n_heads}")
         if self.position == "rope":
-            _check(
+            check(
                 (self.d_model // self.n_heads) % 2 == 0,
                 f"model.position=rope needs an even head "
                 f"size, but d_model/n_heads = {self.d_model}/{self.n_heads} is odd",
             )
-        _check(
+        check(
             self.type_vocab_size == 0 or self.family == "bert",
             f"model.type_vocab_size={self.type_vocab_size} only applies to family=bert; set it to 0",
         )
@@ -320,11 +312,11 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
-        _check(
+        check(
             self.offload_params is False or self.zero_stage == 3,
             f"train.offload_params=true needs train.zero_stage=3 (got {self.zero_stage})",
         )
-        _check(
+        check(
             self.offload_optimizer is False or self.zero_stage >= 1,
             "train.offload_optimizer=true needs train.zero_stage >= 1",
         )
@@ -376,344 +368,9 @@ SECTIONS: dict[str, type[Section]] = {
     "run": RunConfig,
     "data": DataConfig,
     "tokenizer": TokenizerConfig,
-    "model": ModelSection,
+    "model": ModelConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "tracking": TrackingConfig,
     "cluster": ClusterConfig,
 }
-
-
-# The keys `Config._resolve` fills in when they are left unset.
-_DERIVABLE = {
-    "model": ("vocab_size",),
-    "train": ("seq_len", "micro_batch_size", "grad_accum_steps", "global_batch_size", "max_steps"),
-}
-
-
-class Config(Section):
-    run: RunConfig = Field(default_factory=RunConfig, description="Run identity and places.")
-    data: DataConfig = Field(default_factory=DataConfig, description="Corpus and sharding.")
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="BPE tokenizer.")
-    model: ModelSection = Field(default_factory=ModelSection, description="Architecture.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization and DeepSpeed.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation stage.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray and workers.")
-
-    # Dotted keys whose values `_resolve` derived (the user left them unset): `dump_config` writes them
-    # back as unset, so a dumped config re-derives them (after a world-size or vocabulary change too).
-    _derived: set[str] = PrivateAttr(default_factory=set)
-
-    @model_validator(mode="after")
-    def _resolve(self) -> Config:
-        """Fill derived values (vocab size, seq_len, batch triple, steps) and check they agree."""
-        m, t = self.model, self.train
-        self._derived = {
-            f"{section}.{key}"
-            for section, keys in _DERIVABLE.items()
-            for key in keys
-            if getattr(getattr(self, section), key) is None
-        }
-        if m.vocab_size is None:
-            m.vocab_size = math.ceil(self.tokenizer.vocab_size / m.pad_vocab_multiple) * m.pad_vocab_multiple
-        _check(
-            m.vocab_size >= self.tokenizer.vocab_size,
-            f"model.vocab_size={m.vocab_size} is smaller than "
-            f"tokenizer.vocab_size={self.tokenizer.vocab_size}; raise it or leave it unset",
-        )
-        t.seq_len = t.seq_len or m.max_seq_len
-        _check(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-        self._resolve_batch()
-        tokens_per_step = t.global_batch_size * t.seq_len
-        _check(
-            t.max_tokens is None or t.max_tokens >= tokens_per_step,
-            f"train.max_tokens={t.max_tokens} is "
-            f"less than one optimizer step ({tokens_per_step} tokens = global batch x seq_len); raise it",
-        )
-        if t.max_steps is not None and t.max_tokens is not None:
-            _check(
-                t.max_tokens // tokens_per_step == t.max_steps,
-                f"train.max_steps={t.max_steps} and "
-                f"train.max_tokens={t.max_tokens} disagree ({tokens_per_step} tokens per step); give one",
-            )
-        t.max_steps = t.max_steps or max(1, (t.max_tokens or 1000 * tokens_per_step) // tokens_per_step)
-        _check(
-            t.warmup_steps <= t.max_steps, f"train.warmup_steps={t.warmup_steps} exceeds train.max_steps={t.max_steps}"
-        )
-        return self
-
-    def _resolve_batch(self) -> None:
-        """global = micro x accum x data-parallel size: any two given, the third derived and checked."""
-        t, dp = self.train, self.cluster.num_workers
-        micro, accum, glob = t.micro_batch_size, t.grad_accum_steps, t.global_batch_size
-        if glob is None:
-            micro, accum = micro or 8, accum or 1
-        elif micro is None or accum is None:
-            accum = accum or (1 if micro is None else None)
-            known, per_rank_parts = (accum, "grad_accum_steps") if micro is None else (micro, "micro_batch_size")
-            _check(
-                glob % (known * dp) == 0,
-                f"train.global_batch_size={glob} is not divisible by "
-                f"train.{per_rank_parts}={known} x cluster.num_workers={dp}; pick a multiple of {known * dp}",
-            )
-            micro, accum = (glob // (accum * dp), accum) if micro is None else (micro, glob // (micro * dp))
-        product = micro * accum * dp
-        _check(
-            glob is None or glob == product,
-            f"train.global_batch_size={glob} must equal "
-            f"train.micro_batch_size={micro} x train.grad_accum_steps={accum} x cluster.num_workers={dp} "
-            f"= {product}; change one of them or leave one unset",
-        )
-        t.micro_batch_size, t.grad_accum_steps, t.global_batch_size = micro, accum, product
-
-    def model_args(self) -> dict[str, Any]:
-        """The model section as keyword arguments for `models.ModelConfig`."""
-        return self.model.model_dump(exclude={"pad_vocab_multiple"})
-
-    @property
-    def data_parallel_size(self) -> int:
-        return self.cluster.num_workers
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading, overrides and error formatting
-
-
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    loc, value = first["loc"], first.get("input")
-    if first["type"] == "invalid_key":  # a key that is no string: show it as written (False, not 0)
-        loc = (*loc[:-1], value)
-    if first["type"] == "string_unicode" and _model_at(loc) is not None:
-        loc = (*loc, value)  # a key that is no valid string
-    if first["type"] in ("extra_forbidden", "invalid_key", "string_unicode"):
-        return f"{source}: unknown key `{_dotted(loc)}`{_suggest(loc)}; remove it or fix its spelling"
-    if loc and loc[-1] == "[key]":  # a key of a free-form mapping such as train.deepspeed
-        return f"{source}: {_dotted(loc[:-2])} has the non-string key {_shown(value)}; quote it"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "value_error":
-        return f"{source}: {message}"
-    shown = "" if value is None or isinstance(value, dict) else f"={_shown(value)}"
-    return f"{source}: {_dotted(loc) or 'the top level'}{shown}: {message}"
-
-
-def _dotted(loc: tuple | list) -> str:
-    return ".".join(str(part) if part != "" else "''" for part in loc)
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _suggest(loc: tuple) -> str:
-    model = _model_at(loc[:-1])
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1) if model else []
-    return f" (did you mean `{_dotted((*loc[:-1], close[0]))}`?)" if close else ""
-
-
-def _is_model(kind: Any) -> bool:
-    return isinstance(kind, type) and issubclass(kind, BaseModel)
-
-
-def _child_type(kind: Any, key: Any) -> Any:
-    """The declared type one step below `kind`: a model's field, a list's item, a mapping's value."""
-    if _is_model(kind):
-        field = kind.model_fields.get(key) if isinstance(key, str) else None
-        return field.annotation if field is not None else Any
-    args = get_args(kind)
-    return args[-1] if get_origin(kind) in (list, dict) and args else Any
-
-
-def _model_at(loc: tuple | list) -> type[BaseModel] | None:
-    """The section model at a key path (`("data", "sources", 0)` -> SourceConfig), or None."""
-    kind: Any = Config
-    for part in loc:
-        kind = _child_type(kind, part)
-    return kind if _is_model(kind) else None
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); values are YAML scalars or flow collections."""
-    if "=" not in text:
-        raise ConfigError(f"override `{text}` must look like section.key=value, e.g. train.lr=3e-4")
-    path, value = text.split("=", 1)
-    keys = path.strip().split(".")
-    if len(keys) < 2 or keys[0] not in SECTIONS:
-        raise ConfigError(f"override `{text}`: the key must start with one of {', '.join(SECTIONS)}")
-    return keys, _safe_load(value, f"override `{text}`: the value is") if value.strip() else None
-
-
-def apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
-    """Set raw[k0][k1]...= value; path segments must name existing fields (list items by index)."""
-    node: Any = raw
-    kind: Any = Config
-    for depth in range(1, len(keys)):
-        node, kind = _descend(node, kind, keys[:depth])
-    node[_slot(node, kind, keys)] = value
-
-
-def _descend(node: Any, kind: Any, path: list[str]) -> tuple[Any, Any]:
-    """One step down the raw dict, materializing defaults so `data.sources.0.path=x` works."""
-    slot, child = _slot(node, kind, path), _child_type(kind, path[-1])
-    if _is_model(kind):
-        if not (_is_model(child) or get_origin(child) in (list, dict)):
-            raise ConfigError(
-                f"override: `{_dotted(path)}` is a single value with no keys below it; set it as {_dotted(path)}=VALUE"
-            )
-        if node.get(slot) is None:
-            default = kind.model_fields[slot].get_default(call_default_factory=True)
-            node[slot] = to_plain(default) if default is not None else {}
-    elif isinstance(node, dict):  # free-form mapping such as train.deepspeed
-        node.setdefault(slot, {})
-    return node[slot], child
-
-
-def _slot(node: Any, kind: Any, path: list[str]) -> str | int:
-    """The dict key or list index that path[-1] names in node, or a ConfigError saying why none."""
-    key = path[-1]
-    free = kind is Any and isinstance(node, list)  # a list inside a free-form mapping
-    expected = list if get_origin(kind) is list or free else dict
-    if not isinstance(node, expected):
-        raise ConfigError(
-            f"override: cannot set `{_dotted(path)}`: `{_dotted(path[:-1])}` is {_shown(node)}, "
-            f"not a {'list' if expected is list else 'mapping'}; fix the file or override it whole"
-        )
-    if expected is list:
-        return _list_index(node, key, path)
-    if _is_model(kind) and key not in kind.model_fields:
-        close = difflib.get_close_matches(key, list(kind.model_fields), n=1)
-        hint = f" (did you mean `{_dotted(path[:-1] + [close[0]])}`?)" if close else ""
-        raise ConfigError(f"override: unknown key `{_dotted(path)}`{hint}")
-    return key
-
-
-def to_plain(value: Any) -> Any:
-    """Models, paths, tuples and nested containers as plain JSON-able dicts, lists and scalars."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    return value
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts and lists -> {"a.b.0.c": leaf} (the dot-path override syntax); empty ones stay leaves."""
-    if isinstance(tree, (list, tuple)) and tree:
-        tree = {str(i): item for i, item in enumerate(tree)}
-    if not isinstance(tree, dict) or not tree:
-        return {prefix.rstrip("."): tree}
-    return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-
-
-def _list_index(node: list, key: str, path: list[str]) -> int:
-    if not node:
-        raise ConfigError(
-            f"override: `{_dotted(path)}` indexes an empty list; set the whole list instead, "
-            f"e.g. {_dotted(path[:-1])}=[...]"
-        )
-    if not (key.isascii() and key.isdigit()) or int(key) >= len(node):
-        raise ConfigError(f"override: `{_dotted(path)}` needs an index from 0 to {len(node) - 1}")
-    return int(key)
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when path is None), apply overrides, validate, resolve."""
-    source = str(path) if path is not None else "<defaults>"
-    raw = _read_yaml(path) if path is not None else {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(raw, keys, value)
-    try:
-        config = Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
-    if config.run.name is None:
-        config.run.name = Path(path).stem if path is not None else "default"
-    return config
-
-
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; see configs/ for presets")
-    try:
-        raw = _safe_load(path.read_text(encoding="utf-8"), f"{path}:")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8; save the file as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from None
-    if raw is None:  # an empty file: all defaults
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
-    return raw
-
-
-def _safe_load(text: str, what: str) -> Any:
-    """yaml.safe_load; a problem ends in `<what> not valid YAML (line N: what PyYAML found)`."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.reader.ReaderError as exc:
-        char = chr(exc.character) if isinstance(exc.character, int) else exc.character
-        problem = f"character {char!r} at offset {exc.position}: {exc.reason}"
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = (f"line {mark.line + 1}: " if mark else "") + (getattr(exc, "problem", None) or str(exc))
-    except RecursionError:
-        problem = "nested too deeply"
-    raise ConfigError(f"{what} not valid YAML ({problem})")
-
-
-def dump_config(config: Config) -> str:
-    """The config as YAML in section order: every value the user set or left at its default, and the
-    derived values as null (loading it derives them again, so it can be edited and rerun), followed by
-    a comment listing what they resolve to now."""
-    given = config.model_dump(mode="json")
-    derived = {key: lookup(given, key) for key in sorted(config._derived)}
-    for key in derived:
-        section, name = key.split(".")
-        given[section][name] = None
-    text = yaml.safe_dump(given, sort_keys=False)
-    if derived:
-        text += "# Derived from the values above (null means derived; set one to pin it):\n"
-        text += "".join(f"#   {key}: {value}\n" for key, value in derived.items())
-    return text
-
-
-def lookup(tree: dict[str, Any], dotted: str) -> Any:
-    """The value at a dot path of nested dicts."""
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
-def config_reference_markdown() -> str:
-    """A Markdown reference of every section and field, generated from the descriptions."""
-    lines: list[str] = []
-    for name, section in SECTIONS.items():
-        lines += [
-            f"### `{name}`: {Config.model_fields[name].description}",
-            "",
-            "| key | default | description |",
-            "| --- | --- | --- |",
-        ]
-        for field_name, field in section.model_fields.items():
-            default = field.get_default(call_default_factory=True)
-            if isinstance(default, list):
-                default = [d.model_dump(exclude_defaults=True) if isinstance(d, BaseModel) else d for d in default]
-            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            lines.append(f"| `{name}.{field_name}` | `{shown}` | {field.description} |")
-        lines.append("")
-    lines += ["### `data.sources[]` items", "", "| key | default | description |", "| --- | --- | --- |"]
-    for field_name, field in SourceConfig.model_fields.items():
-        default = "required" if field.is_required() else field.get_default()
-        lines.append(f"| `{field_name}` | `{default}` | {field.description} |")
-    return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """The shard loader: memory-mapped token shards -> reproducible, resumable micro-batches.
 
-A shard directory (written by pipeline/shard.py) holds flat token files and `index.json`. Each
+A shard directory (written by pipeline/data/shard.py) holds flat token files and `index.json`. Each
 source's shards of a split concatenate into one token stream. A *sample* is a window of that stream:
 GPT windows hold seq_len+1 tokens at stride seq_len (inputs w[:-1], labels w[1:]); BERT windows hold
 seq_len tokens at stride seq_len and are masked for MLM (documents inside a window are separated by
@@ -24,110 +24,20 @@ per sample (3% of the shard bytes at seq_len 128 with uint16 tokens).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from statistics import median
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.data.masking import document_ids, mlm_mask
+from pipeline.data.shards import check_shard_files, read_index
 from pipeline.errors import DataError
 
 if TYPE_CHECKING:
     import torch
 
-INDEX_FILE = "index.json"
-SHARD_TOKENIZER_DIR = "tokenizer"  # the shards' copy of the tokenizer that made them
-INDEX_FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-IGNORE_INDEX = -100  # label of unmasked positions, skipped by torch's cross-entropy
 # Domain tags keep the generators for permutation, subsampling and masking independent.
 _PERMUTE, _SUBSAMPLE, _MASK = 0, 1, 2
-_HASH_CHUNK = 1 << 22
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 holds ids below 65536; larger vocabularies need uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_index(shard_dir: str | Path) -> dict:
-    path = Path(shard_dir) / INDEX_FILE
-    if not path.is_file():
-        raise DataError(
-            f"{shard_dir}: no {INDEX_FILE}, so this is not a shard directory; build one with `pretrain shard CONFIG`"
-        )
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); rebuild the shards with `pretrain shard CONFIG`") from None
-    if index.get("format_version") != INDEX_FORMAT_VERSION:
-        raise DataError(
-            f"{path}: format_version {index.get('format_version')!r} is not the supported "
-            f"{INDEX_FORMAT_VERSION}; rebuild the shards with `pretrain shard CONFIG`"
-        )
-    return index
-
-
-def check_shard_files(shard_dir: Path, index: dict, split: str, verify_checksums: bool) -> None:
-    """Every shard of the split exists with the size index.json states (and its sha256 if asked)."""
-    itemsize = np.dtype(index["dtype"]).itemsize
-    fix = f"the shard directory {shard_dir} does not match its {INDEX_FILE}; rebuild it with `pretrain shard CONFIG`"
-    for shard in index["splits"][split]["shards"]:
-        path = shard_dir / shard["file"]
-        if not path.is_file():
-            raise DataError(f"shard {shard['file']} is missing: {fix}")
-        size, expected = path.stat().st_size, shard["tokens"] * itemsize
-        if size != expected:
-            raise DataError(
-                f"shard {shard['file']} has {size} bytes but {INDEX_FILE} says {shard['tokens']} "
-                f"tokens ({expected} bytes): {fix}"
-            )
-        if verify_checksums and file_sha256(path) != shard["sha256"]:
-            raise DataError(f"shard {shard['file']} fails its sha256 check (corrupt or modified): {fix}")
-
-
-def verify_shards(shard_dir: str | Path, verify_checksums: bool) -> dict:
-    """The whole shard directory is usable: index.json, every split's shard sizes (and sha256 when
-    asked) and the tokenizer copy. Done once per run, by the driver (or rank 0 under torchrun), before
-    any rank reads; returns the index. DataError names the first bad file and the fix."""
-    shard_dir = Path(shard_dir)
-    index = read_index(shard_dir)
-    for split in index["splits"]:
-        check_shard_files(shard_dir, index, split, verify_checksums)
-    check_tokenizer_files(shard_dir, index)
-    return index
-
-
-def tokenizer_hashes(tokenizer_dir: Path) -> dict[str, str]:
-    """{file name: sha256} of a tokenizer directory (index.json records those of the shards' copy)."""
-    return {path.name: file_sha256(path) for path in sorted(Path(tokenizer_dir).iterdir()) if path.is_file()}
-
-
-def check_tokenizer_files(shard_dir: Path, index: dict) -> None:
-    """The shards' tokenizer copy is the one that made the token ids: an edited or missing file would
-    decode (or, for BERT, mask) with other ids. Small files: always checked. Shard directories written
-    before index.json recorded the hashes have nothing to check against."""
-    directory = shard_dir / SHARD_TOKENIZER_DIR
-    fix = "restore it, or rebuild the shards with `pretrain shard CONFIG` so they match the tokenizer"
-    for name, expected in index.get("tokenizer_sha256", {}).items():
-        path = directory / name
-        if not path.is_file():
-            raise DataError(f"tokenizer file {path} is missing; the shards were made with it: {fix}")
-        if file_sha256(path) != expected:
-            raise DataError(
-                f"tokenizer file {path} was changed after the shards were made with it (sha256 "
-                f"differs from {INDEX_FILE}): {fix}"
-            )
 
 
 class _SourceStream:
@@ -233,36 +143,6 @@ def epoch_sample_table(windows: np.ndarray, counts: np.ndarray, seed: int, epoch
         parts.append(offsets[source] + np.concatenate([np.tile(np.arange(available), repeats), extra]))
     table = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
     return np.random.default_rng([seed, epoch, _PERMUTE]).permutation(table) if shuffle else table
-
-
-def mlm_mask(
-    tokens: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    probability: float,
-    mask_token_id: int,
-    special_ids: np.ndarray,
-    vocab_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """BERT masking of one sample: (inputs, labels), labels IGNORE_INDEX except at chosen positions."""
-    chosen = (rng.random(tokens.shape) < probability) & ~np.isin(tokens, special_ids)
-    action = rng.random(tokens.shape)
-    random_tokens = rng.integers(0, vocab_size, size=tokens.shape)
-    inputs = tokens.copy()
-    inputs[chosen & (action < 0.8)] = mask_token_id
-    replaced = chosen & (action >= 0.8) & (action < 0.9)
-    inputs[replaced] = random_tokens[replaced]
-    labels = np.where(chosen, tokens, IGNORE_INDEX)
-    return inputs, labels
-
-
-def document_ids(tokens: np.ndarray, separator_id: int, family: str) -> np.ndarray:
-    """(B, T) index of the packed document each token belongs to, counting from 0 in each row. The
-    shards append the separator after every document; GPT's separator opens the next document (its
-    BOS: GPT-2's <|endoftext|>), BERT's closes its own (its [SEP])."""
-    is_separator = tokens == separator_id
-    counted = np.cumsum(is_separator, axis=1)
-    return counted if family == "gpt" else counted - is_separator
 
 
 class BatchLoader:
@@ -389,39 +269,4 @@ def _check_loader_args(
             f"world_size={world_size}: need positive sizes and 0 <= rank < world_size"
         )
     if family == "bert" and mask_token_id is None:
-        raise DataError("family=bert needs mask_token_id (see pipeline.tokenizer.special_token_ids)")
-
-
-def inspect_shards(shard_dir: str | Path) -> str:
-    """`pretrain data inspect DIR`: documents, tokens, bytes per token, val share, shard sizes."""
-    shard_dir = Path(shard_dir)
-    index = read_index(shard_dir)
-    splits = index["splits"]
-    lines = [
-        f"{shard_dir}: {index['family']} shards, vocab {index['vocab_size']} ({index['dtype']}), "
-        f"tokenizer {index['tokenizer_fingerprint']}, separator id {index['separator_id']}",
-        f"{'split':<6} {'documents':>10} {'tokens':>12} {'source bytes':>13} {'bytes/token':>11} "
-        f"{'shards':>6}  shard tokens min/median/max",
-    ]
-    for name, split in splits.items():
-        sizes = [s["tokens"] for s in split["shards"]] or [0]
-        lines.append(
-            f"{name:<6} {split['documents']:>10,} {split['tokens']:>12,} {split['source_bytes']:>13,} "
-            f"{split['source_bytes'] / max(split['tokens'], 1):>11.2f} {len(split['shards']):>6}  "
-            f"{min(sizes):,}/{int(median(sizes)):,}/{max(sizes):,}"
-        )
-    documents = sum(s["documents"] for s in splits.values())
-    tokens = sum(s["tokens"] for s in splits.values())
-    val = splits.get("val", {"documents": 0, "tokens": 0})
-    lines.append(
-        f"val share: {val['documents'] / max(documents, 1):.1%} of documents, "
-        f"{val['tokens'] / max(tokens, 1):.1%} of tokens"
-    )
-    for source in index["sources"]:
-        lines.append(
-            f"source {source['name']}: weight {source['weight']:g} -> {source['target_share']:.1%} of "
-            f"training tokens (natural {source['natural_share']:.1%}), {source['documents']:,} documents, "
-            f"{source['train_tokens']:,} train tokens, {source['invalid_utf8_bytes']} invalid UTF-8 bytes, "
-            f"validation by {source.get('validation', 'hash')}, {source.get('partitions', '?')} partitions"
-        )
-    return "\n".join(lines)
+        raise DataError("family=bert needs mask_token_id (see pipeline.data.tokenizer.special_token_ids)")

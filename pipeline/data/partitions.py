@@ -21,8 +21,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from pipeline.config import DataConfig, SourceConfig
-from pipeline.errors import DataError
-from pipeline.sources import (
+from pipeline.data.sources import (
     COMPRESSION_SUFFIXES,
     HUB_PREFIX,
     resolve_files,
@@ -30,6 +29,7 @@ from pipeline.sources import (
     source_label,
     validation_rule,
 )
+from pipeline.errors import DataError
 
 SPLIT_BY_HASH = "hash"  # a partition's documents go to train or val by their text's hash
 

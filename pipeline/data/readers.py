@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 import fsspec
 
 from pipeline.config import DataConfig, SourceConfig
+from pipeline.data.partitions import Partition, Piece, plan_source
+from pipeline.data.sources import COMPRESSION_SUFFIXES, HUB_PREFIX, REPLACE_AND_COUNT, replaced_bytes, source_label
 from pipeline.errors import DataError
-from pipeline.partitions import Partition, Piece, plan_source
-from pipeline.sources import COMPRESSION_SUFFIXES, HUB_PREFIX, REPLACE_AND_COUNT, replaced_bytes, source_label
 
 BOM = b"\xef\xbb\xbf"
 ARROW_BATCH_ROWS = 1024

@@ -1,6 +1,6 @@
 """Shard stage: the corpus -> train/val token shards + index.json, one Ray task per input partition.
 
-The driver only plans and merges. It cuts the corpus into partitions (pipeline/partitions.py) and
+The driver only plans and merges. It cuts the corpus into partitions (pipeline/data/partitions.py) and
 records the plan in the build directory (`plan.json`). Each partition is one task on any node: it
 reads its partition, sends each document to train or val (by the source's validation rule), tokenizes
 it with the tokenizer loaded once per worker process, appends the separator, and writes its own shard
@@ -33,15 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import StageResult, atomic_write_json, build_stage, canonical_json, fingerprint
 from pipeline.config import Config, SourceConfig
-from pipeline.data import SHARD_TOKENIZER_DIR, SPLITS, token_dtype, verify_shards
-from pipeline.partitions import SPLIT_BY_HASH, Partition, plan_corpus
-from pipeline.readers import PartitionReader
-from pipeline.runtime import current_node, run_tasks
-from pipeline.shard_index import PARTS_DIR, PLAN_FILE, ShardWriter, load_record, merge_records, worker_figures
-from pipeline.sources import is_validation
-from pipeline.tokenizer import load_tokenizer, special_token_ids, tokenizer_stage
+from pipeline.data.partitions import SPLIT_BY_HASH, Partition, plan_corpus
+from pipeline.data.readers import PartitionReader
+from pipeline.data.shard_index import PARTS_DIR, PLAN_FILE, ShardWriter, load_record, merge_records, worker_figures
+from pipeline.data.shards import SHARD_TOKENIZER_DIR, SPLITS, token_dtype, verify_shards
+from pipeline.data.sources import is_validation
+from pipeline.data.tokenizer import load_tokenizer, special_token_ids, tokenizer_stage
+from pipeline.run.artifacts import StageResult, atomic_write_json, build_stage, canonical_json, fingerprint
+from pipeline.run.runtime import current_node, run_tasks
 
 CODE_VERSION = "shard-4"  # 4: one task per input partition, each writing its own shard files
 

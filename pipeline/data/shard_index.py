@@ -1,5 +1,5 @@
 """The shard build's files: per-partition shard writers and completion records, and index.json merged
-from the records in plan order (see pipeline/shard.py for the stage and the index format)."""
+from the records in plan order (see pipeline/data/shard.py for the stage and the index format)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import atomic_write_json
 from pipeline.config import Config
-from pipeline.data import INDEX_FILE, INDEX_FORMAT_VERSION, SHARD_TOKENIZER_DIR, SPLITS, token_dtype, tokenizer_hashes
+from pipeline.data.partitions import SPLIT_BY_HASH, Partition
+from pipeline.data.shards import (
+    INDEX_FILE,
+    INDEX_FORMAT_VERSION,
+    SHARD_TOKENIZER_DIR,
+    SPLITS,
+    token_dtype,
+    tokenizer_hashes,
+)
+from pipeline.data.sources import COMPRESSION_SUFFIXES, resolve_format, source_label
 from pipeline.errors import DataError
-from pipeline.partitions import SPLIT_BY_HASH, Partition
-from pipeline.sources import COMPRESSION_SUFFIXES, resolve_format, source_label
+from pipeline.run.artifacts import atomic_write_json
 
 PARTS_DIR = "parts"  # one completion record per partition, written after its shard files
 PLAN_FILE = "plan.json"

@@ -4,7 +4,7 @@ its text goes to validation.
 Formats: plain text files (one document per file, line or blank-line paragraph), JSONL (also
 .gz/.zst/.bz2/.xz), Parquet, a `datasets.save_to_disk` directory, a Hugging Face hub dataset, and
 `builtin:python-stdlib`, the running interpreter's standard library sources, one document per file,
-in sorted path order. pipeline/partitions.py cuts the files into partitions; pipeline/readers.py
+in sorted path order. pipeline/data/partitions.py cuts the files into partitions; pipeline/data/readers.py
 reads one partition's documents.
 
 Invalid UTF-8 in text and JSONL files is replaced by U+FFFD; a codec error handler counts the

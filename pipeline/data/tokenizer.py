@@ -26,13 +26,13 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from pipeline.artifacts import StageResult, atomic_write_json, build_stage, fingerprint
 from pipeline.config import Config, SourceConfig
+from pipeline.data.partitions import SPLIT_BY_HASH, Partition, plan_corpus
+from pipeline.data.readers import PartitionReader
+from pipeline.data.sources import corpus_identity, is_validation
 from pipeline.errors import DataError
-from pipeline.partitions import SPLIT_BY_HASH, Partition, plan_corpus
-from pipeline.readers import PartitionReader
-from pipeline.runtime import run_tasks
-from pipeline.sources import corpus_identity, is_validation
+from pipeline.run.artifacts import StageResult, atomic_write_json, build_stage, fingerprint
+from pipeline.run.runtime import run_tasks
 
 CODE_VERSION = "tokenizer-2"  # 2: the sample is drawn per partition
 TOKENIZER_FILE = "tokenizer.json"

@@ -22,11 +22,12 @@ from pathlib import Path
 from torch import nn
 
 from models.hf import hf_arch, to_hf
-from pipeline.artifacts import MANIFEST
 from pipeline.config import Config, EvalConfig
 from pipeline.errors import ExportError
-from pipeline.modeling import build_model, model_config
-from pipeline.rundir import RunState, checkpoints_dir, resolve_checkpoint
+from pipeline.run.artifacts import MANIFEST
+from pipeline.run.rundir import RunState
+from pipeline.training.checkpoint import checkpoints_dir, resolve_checkpoint
+from pipeline.training.modeling import build_model, model_config
 
 
 def check_exportable(config: Config) -> str:
@@ -67,7 +68,7 @@ def load_checkpoint_model(
     config: Config, run_dir: str | Path, checkpoint_tag: str | None = None
 ) -> tuple[nn.Module, str]:
     """(the model consolidated in fp32 from a checkpoint of any ZeRO stage, in eval mode; its tag)."""
-    from pipeline.engine import consolidated_state_dict  # imports deepspeed: only when a run is loaded
+    from pipeline.training.engine import consolidated_state_dict  # imports deepspeed: only when a run is loaded
 
     tag = resolve_checkpoint(Path(run_dir), checkpoint_tag).name
     state = consolidated_state_dict(checkpoints_dir(Path(run_dir)), tag)

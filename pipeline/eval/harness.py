@@ -3,7 +3,7 @@
 The harness needs process-wide settings: the hub libraries' offline switches (read once, at import)
 and, for local task YAMLs whose `dataset_kwargs.data_files` are relative, the working directory. A
 child process gets them without changing the caller's process: `run_lm_eval` starts
-`python -m pipeline.harness` with HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1 and the include directory
+`python -m pipeline.eval.harness` with HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1 and the include directory
 as its cwd, and reads back the scores. A problem the user can fix comes back as the same UserError.
 """
 
@@ -45,7 +45,7 @@ def run_lm_eval(
         command = [
             sys.executable,
             "-m",
-            "pipeline.harness",
+            "pipeline.eval.harness",
             str(export_dir),
             "--out",
             str(out),
@@ -123,7 +123,7 @@ def lm_eval_scores(results: dict) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     """The child process: score, write the scores JSON; a user error is its last stderr line."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.harness")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.eval.harness")
     parser.add_argument("export_dir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--tasks", nargs="+", required=True)

@@ -38,13 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.artifacts import atomic_write_json, atomic_write_text
 from pipeline.config import Config
-from pipeline.data import IGNORE_INDEX, BatchLoader, TokenDataset
+from pipeline.data.loader import BatchLoader, TokenDataset
+from pipeline.data.masking import IGNORE_INDEX
+from pipeline.data.tokenizer import bert_masking_ids, load_tokenizer, special_token_ids
 from pipeline.errors import DataError
-from pipeline.harness import run_lm_eval
-from pipeline.rundir import EVAL_DIR, REPORT_FILE, SUMMARY_FILE, checkpoints_dir, read_trainer_state
-from pipeline.tokenizer import bert_masking_ids, load_tokenizer, special_token_ids
+from pipeline.eval.harness import run_lm_eval
+from pipeline.run.artifacts import atomic_write_json, atomic_write_text
+from pipeline.run.rundir import EVAL_DIR, REPORT_FILE, SUMMARY_FILE
+from pipeline.training.checkpoint import checkpoints_dir, read_trainer_state
 
 FILL_MASK_TOP_K = 5
 FILL_MASK_FRACTION = 0.15  # of each prompt's tokens, as in MLM training
@@ -71,7 +73,7 @@ def evaluate_run(
     """Evaluate a run's latest (or `checkpoint_tag`) checkpoint into `<run_dir>/eval/`; with lm-eval
     tasks (default eval.lm_eval_tasks) the model is also exported to a temporary HF directory and
     scored by lm-evaluation-harness. Returns the report."""
-    from pipeline.export import export_model, load_checkpoint_model
+    from pipeline.eval.export import export_model, load_checkpoint_model
 
     tasks = list(config.eval.lm_eval_tasks if lm_eval_tasks is None else lm_eval_tasks)
     model, tag = load_checkpoint_model(config, run_dir, checkpoint_tag)

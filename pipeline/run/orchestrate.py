@@ -1,14 +1,14 @@
 """`pretrain run`: tokenizer -> shard -> train -> eval on a Ray cluster, one MLflow run per pipeline run.
 
-The tokenizer and eval stages run as Ray tasks, the shard stage as a Ray Data job and the train stage
-as a Ray Train worker group, all on the Ray cluster named by `cluster.address` (an embedded local Ray
-by default). Data artifacts come from the content-addressed cache, so a second run with the same data
-and tokenizer settings only trains. `<run_dir>/run.json` records each stage's status and output, so
-`--from`/`--only` can start later stages from the artifacts of earlier ones, and a rerun of an
-unfinished run resumes it from its latest checkpoint.
+The tokenizer and shard stages run one Ray task per input partition (the driver plans and merges), the
+train stage a Ray Train worker group and the eval stage one Ray task, all on the Ray cluster named by
+`cluster.address` (an embedded local Ray by default). Data artifacts come from the content-addressed
+cache, so a second run with the same data and tokenizer settings only trains. `<run_dir>/run.json`
+records each stage's status and output, so `--from`/`--only` can start later stages from the artifacts
+of earlier ones, and a rerun of an unfinished run resumes it from its latest checkpoint.
 
-This driver owns the run: its directory, its stage record and its MLflow run. Training ranks append
-to the run's journal; the driver sends that to MLflow while they train and sets the run's status once,
+This driver owns the run: its directory, its stage record and its MLflow run. Training ranks append to
+the run's journal; the driver sends that to MLflow while they train and sets the run's status once,
 after the last stage. A user error, wherever it was raised (here, in a Ray task, in a training rank),
 ends the run with one line naming the stage; its traceback is in `<run_dir>/logs/`.
 """
@@ -24,10 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import StageResult, read_manifest
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, RunStopped, StageFailed, UserError
-from pipeline.rundir import (
+from pipeline.run.artifacts import StageResult, read_manifest
+from pipeline.run.rundir import (
     CONFIG_FILE,
     DEEPSPEED_CONFIG_FILE,
     EVAL_DIR,
@@ -38,13 +38,12 @@ from pipeline.rundir import (
     SUMMARY_FILE,
     RunState,
     absolute_paths,
-    checkpoints_dir,
     config_path,
     prepare_run_dir,
     save_traceback,
-    write_checkpoint_manifest,
 )
-from pipeline.runtime import ray_connection, remote_cause
+from pipeline.run.runtime import ray_connection, remote_cause
+from pipeline.training.checkpoint import checkpoints_dir, write_checkpoint_manifest
 
 
 @dataclass
@@ -83,7 +82,8 @@ def run_pipeline(
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Run the selected stages in order; returns {stage: figures}. Raises StageFailed naming the stage."""
-    from pipeline.tracking.store import environment_tags, open_tracker
+    from pipeline.tracking.local import environment_tags
+    from pipeline.tracking.store import open_tracker
 
     stages = select_stages(only, from_stage, until)
     config = absolute_paths(config)
@@ -130,7 +130,7 @@ def checkpoint_requests_outside_training(echo: Callable[[str], None]):
 
 
 def _run_stage(stage: str, config: Config, run_dir: Path, state: RunState, tracker, echo) -> StageOutput:
-    from pipeline.tracking.store import log_stage
+    from pipeline.tracking.local import log_stage
 
     started = time.perf_counter()
     state.record(stage, "running")
@@ -165,7 +165,7 @@ STAGE_DESCRIPTIONS = {
 
 
 def _tokenizer(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutput:
-    from pipeline.tokenizer import tokenizer_stage
+    from pipeline.data.tokenizer import tokenizer_stage
 
     result = tokenizer_stage(config)
     tracker.log_artifact(result.path / "tokenizer.json", "tokenizer")
@@ -173,7 +173,7 @@ def _tokenizer(config: Config, run_dir: Path, state: RunState, tracker) -> Stage
 
 
 def _shard(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutput:
-    from pipeline.shard import shard_stage
+    from pipeline.data.shard import shard_stage
 
     tokenizer_dir = state.output("tokenizer")
     result = shard_stage(config, StageResult(tokenizer_dir, read_manifest(tokenizer_dir), reused=True))
@@ -194,7 +194,7 @@ def _train(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutp
 def _eval(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutput:
     import ray
 
-    from pipeline.evaluate import evaluate_run
+    from pipeline.eval.stage import evaluate_run
 
     remote = ray.remote(num_cpus=1, num_gpus=1 if config.cluster.use_gpu else 0)(evaluate_run)
     report = ray.get(remote.remote(config, run_dir, state.output("shard"), state.output("tokenizer")))
@@ -217,8 +217,9 @@ def log_eval_artifacts(tracker, run_dir: Path, report: dict) -> StageOutput:
 
 def evaluate_existing_run(run_dir: Path, checkpoint_tag: str | None = None, **lm_eval) -> dict:
     """`pretrain eval RUN_DIR`: evaluate in this process and log to the run's own MLflow run."""
-    from pipeline.evaluate import evaluate_run
-    from pipeline.tracking.store import log_stage, open_tracker
+    from pipeline.eval.stage import evaluate_run
+    from pipeline.tracking.local import log_stage
+    from pipeline.tracking.store import open_tracker
 
     run_dir = Path(run_dir).resolve()
     config = load_config(config_path(run_dir))

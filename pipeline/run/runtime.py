@@ -71,7 +71,7 @@ def ray_connection(config: Config) -> Iterator[None]:
         return
     c = config.cluster
     runtime_env = {
-        "worker_process_setup_hook": "pipeline.runtime.quiet_ray_workers",
+        "worker_process_setup_hook": "pipeline.run.runtime.quiet_ray_workers",
         "env_vars": worker_environment(c.use_gpu),
     }
     # Workers' output (library banners, DeepSpeed and torch warnings, Ray Train's controller) stays in

@@ -2,6 +2,8 @@
 
     names.py    metric names, name/secret cleaning and the store URI; imports nothing heavy
     journal.py  the append-only local record (metrics.jsonl, mlflow_ops.jsonl) and the training sink
+    local.py    where a run is tracked, the journal-only run (tracking off), environment tags,
+                how a stage's figures are logged
     store.py    the MLflow run of a pipeline run: create/reopen, send the journal, sync; the only
                 module of the project that imports mlflow
     compare.py  the table of an experiment's runs (`pretrain compare`)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.rundir import METRICS_FILE, OPS_FILE, RUN_ID_FILE
+from pipeline.run.rundir import METRICS_FILE, OPS_FILE, RUN_ID_FILE
 from pipeline.tracking.names import MAX_METRICS_PER_BATCH, safe_name
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.rundir import PROFILE_DIR
+from pipeline.run.rundir import PROFILE_DIR
 from pipeline.tracking.names import METRIC_VAL_LOSS
+from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.health import StepHealth
 from pipeline.training.requests import CHECKPOINT_AND_STOP, CheckpointRequests
 from pipeline.training.run import Callback, Run, StepOutcome
-from pipeline.training.state import save_checkpoint
 
 
 class MetricsLogger(Callback):

@@ -1,17 +1,26 @@
-"""Training checkpoints: directory layout, the `latest` pointer, retention, RNG states, resume checks.
+"""The checkpoint manager: layout, discovery, saving, retention, storage checks and resume.
 
     <run_dir>/checkpoints/
         latest                    the tag of the newest complete checkpoint, replaced atomically
+        manifest.json             every complete checkpoint's step, tokens and files (for MLflow)
         step-00000500/
             mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed engine state (every rank's shard)
             trainer_state.json    step, tokens seen, loader state, world size, MLflow run id,
                                   config fingerprint and the resolved config it was saved with
-            rng/rank-00000.pt     per-rank torch / numpy / python RNG states
+            rng/rank-00000.pt     per-rank torch / numpy / python RNG states (pipeline/training/rng.py)
             COMPLETE              written by rank 0 after every rank finished (a barrier)
 
 A directory without COMPLETE is a checkpoint cut off by a crash: resume ignores it and the next save
-removes it. This module does no torch.distributed itself; the caller passes the engine's save function
-and a barrier, so it is testable in one process.
+removes it. Discovery and the resume checks import no torch: the CLI and the Slurm job helpers read
+run directories with them. Saving takes the engine's save function and a barrier from the caller, so
+it is testable in one process; `save_checkpoint`, `resume` and `load_state` wire in the DeepSpeed
+engine (pipeline/training/engine.py, imported when a rank first saves or loads).
+
+Resume. With the same world size every later loss equals the uninterrupted run's bit for bit (fp32).
+The world size may change: the data position is mapped by global samples consumed (the loader's
+state); ZeRO 1-3 partitions of another world size load through DeepSpeed's universal format,
+converted by rank 0 next to the checkpoint and deleted after. Ranks that did not exist when the
+checkpoint was saved start from the seeded RNG state.
 
 Storage. Before training, `check_storage` refuses a run directory that is not writable or lacks the
 free space for the checkpoints the run will hold at once. A save that fails anyway (the disk filled
@@ -23,33 +32,116 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
+import re
 import shutil
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from pipeline.artifacts import atomic_write_text
 from pipeline.config import Config, flatten, lookup
-from pipeline.errors import ConfigError, StorageError
-from pipeline.rundir import (
-    COMPLETE,
-    LATEST,
-    TRAINER_STATE,
-    checkpoints_dir,
-    complete_checkpoints,
-    latest_pointer,
-    latest_tag,
-    read_trainer_state,
-    tag_dirs,
-    tag_for,
-)
+from pipeline.errors import CheckpointError, ConfigError, StorageError
+from pipeline.run.artifacts import atomic_write_json, atomic_write_text
+from pipeline.run.rundir import CHECKPOINTS_DIR
+
+if TYPE_CHECKING:
+    from pipeline.training.run import Run
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_MANIFEST = "manifest.json"
+_TAG = re.compile(r"^step-(\d{8})$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and discovery (torch-free: the CLI and the Slurm job helpers read run directories)
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def latest_pointer(run_dir: Path) -> str | None:
+    """The tag `latest` names, complete or not; None when there is no pointer."""
+    pointer = checkpoints_dir(run_dir) / LATEST
+    return pointer.read_text(encoding="utf-8").strip() or None if pointer.is_file() else None
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    """The tag `latest` points at, when that checkpoint is complete; None for a fresh run."""
+    tag = latest_pointer(run_dir)
+    if tag is None:
+        return None
+    if not is_complete(checkpoints_dir(run_dir) / tag):
+        raise CheckpointError(
+            f"{checkpoints_dir(run_dir) / LATEST} names {tag!r}, which is not a complete "
+            "checkpoint; point it at a complete step-* directory or delete it to start over"
+        )
+    return tag
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE).is_file()
+
+
+def tag_dirs(run_dir: Path) -> list[Path]:
+    """Every step-* directory under checkpoints/, complete or not, oldest first."""
+    root = checkpoints_dir(run_dir)
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and _TAG.match(p.name)) if root.is_dir() else []
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    return [p for p in tag_dirs(run_dir) if is_complete(p)]
+
+
+def resolve_checkpoint(run_dir: Path, tag: str | None = None) -> Path:
+    """The directory of checkpoint `tag`, or of `latest`; CheckpointError naming what exists otherwise."""
+    root = checkpoints_dir(run_dir)
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise CheckpointError(f"{root}: no checkpoint; train the run first (`pretrain run CONFIG`)")
+    if not is_complete(root / tag):
+        available = [p.name for p in complete_checkpoints(run_dir)]
+        raise CheckpointError(f"{root / tag}: not a complete checkpoint; pick one of {available or 'none'}")
+    return root / tag
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+def write_checkpoint_manifest(run_dir: Path) -> Path:
+    """`checkpoints/manifest.json`: every complete checkpoint's step, tokens seen, world size and files
+    with their sizes, and which one `latest` names (the weights stay out of MLflow: they can be large)."""
+    entries = []
+    for path in complete_checkpoints(run_dir):
+        trainer = read_trainer_state(path)
+        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+        entries.append(
+            {
+                "tag": path.name,
+                "step": trainer["step"],
+                "tokens_seen": trainer["tokens_seen"],
+                "world_size": trainer["world_size"],
+                "bytes": sum(files.values()),
+                "files": files,
+            }
+        )
+    manifest = checkpoints_dir(run_dir) / CHECKPOINT_MANIFEST
+    atomic_write_json(manifest, {"latest": latest_tag(run_dir), "checkpoints": entries})
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume checks
+
 
 # Config keys a resumed run must keep: changing them changes the model, its parameters' layout in the
 # checkpoint, or the token stream. Everything else (max_steps, cadences, lr, ...) may change on resume.
@@ -127,6 +219,8 @@ def save(
     All ranks write their DeepSpeed shard and RNG states; rank 0 writes trainer_state.json; after a
     barrier rank 0 marks it COMPLETE, moves `latest` to it and deletes all but the newest `keep`.
     A failed write raises StorageError on the failing rank (the launcher then stops the others)."""
+    from pipeline.training.rng import save_rng_state  # torch: only where a rank saves
+
     root, tag = checkpoints_dir(run_dir), tag_for(step)
     path = root / tag
     with _failed_writes_reported(run_dir, path, rank):
@@ -227,53 +321,72 @@ def remove_partial(run_dir: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# RNG states
+# A rank's state: the engine, loader position, RNG streams and counters
 
 
-def _rng_path(checkpoint: Path, rank: int) -> Path:
-    return checkpoint / "rng" / f"rank-{rank:05d}.pt"
+def save_checkpoint(run: Run) -> None:
+    """Every rank calls this (DeepSpeed writes each rank's shard; a rank that skipped would hang the rest)."""
+    import torch.distributed as dist
 
+    from pipeline.tracking.journal import mlflow_run_id
+    from pipeline.training import engine
 
-def save_rng_state(checkpoint: Path, rank: int) -> None:
-    """torch (CPU and this rank's CUDA device), numpy and python RNG states of this rank."""
-    numpy_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "numpy": {
-            "name": numpy_state[0],
-            "keys": torch.from_numpy(numpy_state[1].copy()),
-            "pos": numpy_state[2],
-            "has_gauss": numpy_state[3],
-            "cached_gaussian": numpy_state[4],
+    run.last_checkpoint = save(
+        run.run_dir,
+        run.step,
+        rank=run.rank,
+        barrier=dist.barrier,
+        keep=run.config.train.keep_checkpoints,
+        save_engine=lambda root, tag: engine.save_checkpoint(run.engine, root, tag),
+        trainer_state={
+            "step": run.step,
+            "tokens_seen": run.tokens_seen,
+            "loader": run.loader.state_dict(),
+            "world_size": run.world_size,
+            "mlflow_run_id": mlflow_run_id(run.run_dir),
+            **run.health.state_dict(),
+            "config_fingerprint": fingerprint(run.config),
+            "config": run.config.model_dump(mode="json"),
         },
-        "python": _python_state_to_tensors(random.getstate()),
-    }
-    path = _rng_path(checkpoint, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    )
 
 
-def load_rng_state(checkpoint: Path, rank: int) -> bool:
-    """Restore this rank's RNG states; False when the checkpoint has none for this rank (it was saved
-    with fewer ranks), in which case the caller's seeding stands."""
-    path = _rng_path(checkpoint, rank)
-    if not path.is_file():
-        return False
-    state = torch.load(path, weights_only=True)
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(_python_state_from_tensors(state["python"]))
-    return True
+def resume(run: Run, point: tuple[Path, dict, dict] | None) -> None:
+    """Load the checkpoint `resume_point` found (engine, loader, RNG, counters) and print
+    the config changes it allowed."""
+    if point is None:
+        return
+    path, state, changes = point
+    load_state(run, path, state, restore_loader=True)
+    run.resumed_from = run.step
+    run.health.load_state_dict(state)
+    if run.rank == 0:
+        print(f"resumed from {path} (step {run.step}, {run.tokens_seen:,} tokens)", flush=True)
+        for key, (old, new) in changes.items():
+            print(f"resume: {key} changed from {old!r} to {new!r}", flush=True)
+        run.sink.set_tags({"train.resumed_from_step": run.step})
 
 
-def _python_state_to_tensors(state: tuple) -> dict[str, Any]:
-    version, internal, gauss_next = state
-    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}
+def load_state(run: Run, path: Path, state: dict[str, Any], *, restore_loader: bool) -> None:
+    """Engine, RNG, step and tokens (and the loader's position if asked) from the checkpoint at path,
+    after checking its files hold nothing but data."""
+    import torch.distributed as dist
 
+    from pipeline.training import engine
+    from pipeline.training.rng import load_rng_state
 
-def _python_state_from_tensors(state: dict[str, Any]) -> tuple:
-    return state["version"], tuple(int(x) for x in state["internal"].tolist()), state["gauss_next"]
+    engine.verify_checkpoint(path)
+    reshard = state["world_size"] != run.world_size and run.config.train.zero_stage > 0
+    load_dir = path.parent / "universal" if reshard else path.parent
+    if reshard and run.rank == 0:
+        shutil.rmtree(load_dir, ignore_errors=True)  # debris of an interrupted conversion
+        engine.convert_to_universal(path, load_dir / path.name)
+    dist.barrier()
+    engine.load_checkpoint(run.engine, load_dir, path.name)
+    dist.barrier()
+    if reshard and run.rank == 0:
+        shutil.rmtree(load_dir)
+    if restore_loader:
+        run.loader.load_state_dict(state["loader"])
+    load_rng_state(path, run.rank)
+    run.step, run.tokens_seen, run.last_checkpoint = state["step"], state["tokens_seen"], path

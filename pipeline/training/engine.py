@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.runtime import accelerator_name, distributed_backend
+from pipeline.run.runtime import accelerator_name, distributed_backend
 
 # DeepSpeed picks its accelerator once, at import, from this variable (and prints a warning to stdout
 # without it): the one process-wide setting the project makes, before the one deepspeed import.
@@ -49,7 +49,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from models.layers import init_weights  # noqa: E402
 from pipeline.config import Config, TrainConfig  # noqa: E402
 from pipeline.errors import CheckpointError  # noqa: E402
-from pipeline.modeling import build_model  # noqa: E402
+from pipeline.training.modeling import build_model  # noqa: E402
 
 # The non-tensor types DeepSpeed pickles into its checkpoints (ZeRO optimizer states, loss scalers):
 # plain data holders whose unpickling runs no code of the file's choosing.

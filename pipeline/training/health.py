@@ -1,7 +1,7 @@
 """Non-finite steps and rollback.
 
 A step whose loss or reduced gradients are not finite on any rank is skipped (no update, no scheduler
-step; see pipeline/engine.py) and counted (`train/skipped_steps`); the loader moves on. More than
+step; see pipeline/training/engine.py) and counted (`train/skipped_steps`); the loader moves on. More than
 train.max_bad_steps of them within train.bad_step_window steps roll the run back to the latest
 checkpoint (weights, optimizer, RNG, step) while the loader keeps its position, so training continues
 with the data after the bad batch (`train/rollbacks`, logged at the step that triggered it). Without a
@@ -17,23 +17,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline import engine as ds_engine
 from pipeline.errors import TrainingDiverged
-from pipeline.rundir import checkpoints_dir, latest_tag, read_trainer_state
 from pipeline.tracking.names import METRIC_ROLLBACKS
+from pipeline.training import engine
+from pipeline.training.checkpoint import checkpoints_dir, latest_tag, load_state, read_trainer_state
 from pipeline.training.run import Callback, Run, StepOutcome
-from pipeline.training.state import load_state
 
 # Returning to one checkpoint more often than this means the trouble is not a passing bad batch.
 MAX_ROLLBACKS_PER_CHECKPOINT = 3
 
 
-def step_was_bad(engine, precision: str, loss: torch.Tensor) -> bool:
+def step_was_bad(model_engine, precision: str, loss: torch.Tensor) -> bool:
     """Whether the step's update was skipped for non-finite values; every rank gets the same answer,
     as the skip is decided on all-reduced gradients. fp16's loss scaler also skips steps that overflow
     only because its scale is too high, which is routine: those count only if some rank's loss was
     non-finite (one more all-reduce, on skipped fp16 steps only)."""
-    if ds_engine.step_applied(engine):
+    if engine.step_applied(model_engine):
         return False
     if precision != "fp16":
         return True

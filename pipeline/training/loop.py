@@ -1,12 +1,13 @@
 """The training loop of one rank: `setup`, `train`, `train_step`, `evaluate`.
 
 It only needs torch.distributed to be set up (Ray Train does it; under torchrun `init_distributed`
-does), so the same code runs in a Ray Train worker group and under torchrun
-(pipeline/training/launcher.py). The periodic concerns (rollback, metrics, validation, checkpoints,
+does), so the same code runs in a Ray Train worker group (pipeline/training/ray_train.py) and under
+torchrun (pipeline/training/torchrun.py). The periodic concerns (rollback, metrics, validation, checkpoints,
 profiling) live in pipeline/training/callbacks.py and decide their own cadence; the loop body only
 steps and hands each step to them.
 
-Resume. Starting a run whose directory holds a complete checkpoint resumes it (pipeline/training/state.py).
+Resume. Starting a run whose directory holds a complete checkpoint resumes it
+(pipeline/training/checkpoint.py).
 Config changes are checked against the checkpoint: the model, tokenizer, data, seed, seq_len, ZeRO
 stage, precision and offload are refused, anything else (max_steps, cadences, learning rate, ...) is
 allowed and printed. The global batch follows a new world size unless train.global_batch_size pins it.
@@ -24,23 +25,23 @@ import torch
 import torch.distributed as dist
 
 from models import flops_per_token, num_parameters
-from pipeline import checkpoint
-from pipeline import engine as ds_engine
-from pipeline.artifacts import atomic_write_json
 from pipeline.config import Config, load_config
-from pipeline.data import SHARD_TOKENIZER_DIR, BatchLoader, TokenDataset, check_vocab_fits, verify_shards
-from pipeline.ds_config import deepspeed_config
+from pipeline.data.loader import BatchLoader, TokenDataset, check_vocab_fits
+from pipeline.data.shards import SHARD_TOKENIZER_DIR, verify_shards
+from pipeline.data.tokenizer import bert_masking_ids
 from pipeline.errors import ConfigError
-from pipeline.modeling import build_model, model_config
-from pipeline.plan import checkpoint_bytes
-from pipeline.rundir import CONFIG_FILE, DEEPSPEED_CONFIG_FILE
-from pipeline.tokenizer import bert_masking_ids
+from pipeline.run.artifacts import atomic_write_json
+from pipeline.run.rundir import CONFIG_FILE, DEEPSPEED_CONFIG_FILE
 from pipeline.tracking.journal import training_sink
+from pipeline.training import checkpoint, engine
 from pipeline.training.callbacks import default_callbacks
+from pipeline.training.checkpoint import resume
+from pipeline.training.ds_config import deepspeed_config
 from pipeline.training.health import StepHealth, step_was_bad
 from pipeline.training.meter import Meter, compilation_figures, peak_flops_per_device
+from pipeline.training.modeling import build_model, model_config
+from pipeline.training.plan import checkpoint_bytes
 from pipeline.training.run import Callback, Run, StepOutcome, TrainResult
-from pipeline.training.state import resume
 
 
 def train_worker(run_dir: Path, shard_dir: Path, *, shards_verified: bool = False) -> TrainResult:
@@ -56,7 +57,7 @@ def train_worker(run_dir: Path, shard_dir: Path, *, shards_verified: bool = Fals
 def setup(config: Config, run_dir: Path, shard_dir: Path, *, shards_verified: bool) -> tuple[Run, list[Callback]]:
     """Process group, data check, resume checks, data, model, DeepSpeed engine; then load `latest` if any.
     `shards_verified`: the driver already checked the shards; otherwise rank 0 does, the others wait."""
-    device = ds_engine.init_distributed()
+    device = engine.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if world_size != config.data_parallel_size:
         raise ConfigError(
@@ -83,7 +84,7 @@ def setup(config: Config, run_dir: Path, shard_dir: Path, *, shards_verified: bo
     )
     if rank == 0:  # the exact JSON DeepSpeed got, for the run's records
         atomic_write_json(run_dir / DEEPSPEED_CONFIG_FILE, ds_config)
-    model = ds_engine.create_model(config, ds_config)
+    model = engine.create_model(config, ds_config)
     t = config.train
     health = StepHealth(t.max_bad_steps, t.bad_step_window)
     meter = Meter(
@@ -99,7 +100,7 @@ def setup(config: Config, run_dir: Path, shard_dir: Path, *, shards_verified: bo
         rank=rank,
         world_size=world_size,
         device=device,
-        engine=ds_engine.initialize(model, t, ds_config),
+        engine=engine.initialize(model, t, ds_config),
         loader=make_loader(dataset, config, rank, world_size),
         val_dataset=TokenDataset(shard_dir, "val"),
         sink=training_sink(run_dir, rank),
@@ -117,7 +118,7 @@ def count_parameters(config: Config) -> int:
 
 
 def check_storage(config: Config, run_dir: Path) -> None:
-    """The run directory is writable and has room for the run's checkpoints (pipeline/plan.py's size)."""
+    """The run directory is writable and has room for the run's checkpoints (pipeline/training/plan.py's size)."""
     t = config.train
     size = checkpoint_bytes(count_parameters(config), t.precision, t.zero_stage)
     checkpoint.check_storage(run_dir, size, t.keep_checkpoints)
@@ -157,7 +158,7 @@ def train(run: Run, callbacks: list[Callback]) -> TrainResult:
         callback.before_train(run)
     try:
         while run.step < t.max_steps and not run.stopping:
-            started, lr = time.perf_counter(), ds_engine.current_lr(run.engine)
+            started, lr = time.perf_counter(), engine.current_lr(run.engine)
             loss, grad_norm = train_step(run.engine, run.loader, t.grad_accum_steps, run.device)
             outcome = StepOutcome(
                 loss, grad_norm, lr, time.perf_counter() - started, skipped=step_was_bad(run.engine, t.precision, loss)
@@ -173,21 +174,21 @@ def train(run: Run, callbacks: list[Callback]) -> TrainResult:
     return finish(run)
 
 
-def train_step(engine, loader: BatchLoader, accum_steps: int, device: torch.device):
+def train_step(model_engine, loader: BatchLoader, accum_steps: int, device: torch.device):
     """One optimizer step over `accum_steps` micro-batches; returns (mean loss, grad norm) unsynced.
     The phases are labelled for the profiler (free when it is off)."""
     total = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
         batch = {name: tensor.to(device, non_blocking=True) for name, tensor in loader.next_batch().items()}
         with torch.profiler.record_function("forward"):
-            output = engine(**batch)
+            output = model_engine(**batch)
         with torch.profiler.record_function("backward"):
-            ds_engine.backward(engine, output.loss, output.logits)
+            engine.backward(model_engine, output.loss, output.logits)
         total += output.loss.detach()
         if micro_step < accum_steps - 1:
-            engine.step()  # DeepSpeed counts micro-steps; the update happens at the boundary below
+            model_engine.step()  # DeepSpeed counts micro-steps; the update happens at the boundary below
     with torch.profiler.record_function("optimizer"):
-        grad_norm = ds_engine.optimizer_step(engine)
+        grad_norm = engine.optimizer_step(model_engine)
     return total / accum_steps, grad_norm
 
 

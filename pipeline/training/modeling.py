@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from models import BERT, GPT, ModelConfig
+from models import BERT, GPT, TransformerConfig
 from pipeline.config import Config
 
 
-def model_config(config: Config, pad_token_id: int | None = None) -> ModelConfig:
-    return ModelConfig(**config.model_args(), pad_token_id=pad_token_id)
+def model_config(config: Config, pad_token_id: int | None = None) -> TransformerConfig:
+    return TransformerConfig(**config.model_args(), pad_token_id=pad_token_id)
 
 
 def build_model(config: Config, pad_token_id: int | None = None) -> torch.nn.Module:

@@ -16,7 +16,7 @@ import torch
 
 from models import activation_memory_bytes, flops_per_token, num_parameters
 from pipeline.config import Config
-from pipeline.modeling import build_model, model_config
+from pipeline.training.modeling import build_model, model_config
 
 GIB = 1024**3
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.rundir import METRICS_FILE
+from pipeline.run.rundir import METRICS_FILE
 from pipeline.tracking.journal import following, jsonl_records
 from pipeline.tracking.names import (
     METRIC_ROLLBACKS,

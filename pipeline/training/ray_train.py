@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import resume_point
 from pipeline.config import Config
-from pipeline.data import verify_shards
+from pipeline.data.shards import verify_shards
 from pipeline.errors import UserError
-from pipeline.rundir import save_traceback
-from pipeline.runtime import distributed_backend, ray_connection
+from pipeline.run.rundir import save_traceback
+from pipeline.run.runtime import distributed_backend, ray_connection
+from pipeline.training.checkpoint import resume_point
 from pipeline.training.loop import check_storage
 from pipeline.training.progress import training_progress
 from pipeline.training.requests import forward_signals

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.artifacts import atomic_write_text
-from pipeline.rundir import REQUEST_FILE
+from pipeline.run.artifacts import atomic_write_text
+from pipeline.run.rundir import REQUEST_FILE
 
 NO_REQUEST, CHECKPOINT, CHECKPOINT_AND_STOP = 0, 1, 2
 _STOP_WORD = "stop"

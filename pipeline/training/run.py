@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
-from pipeline.data import BatchLoader, TokenDataset
+from pipeline.data.loader import BatchLoader, TokenDataset
 from pipeline.tracking.journal import NullSink
 from pipeline.training.meter import Meter
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pipeline.artifacts import atomic_write_text
 from pipeline.errors import UserError
-from pipeline.rundir import TRAIN_RESULT_FILE, save_traceback
+from pipeline.run.artifacts import atomic_write_text
+from pipeline.run.rundir import TRAIN_RESULT_FILE, save_traceback
 from pipeline.training.loop import train_worker
 from pipeline.training.run import TrainResult
 

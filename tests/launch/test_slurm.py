@@ -4,8 +4,10 @@ settings, sweep expansion, and submission against stand-in `sbatch` and `scontro
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,6 +157,30 @@ def test_repository_template_has_the_preemption_directives():
     text = template_text()
     assert "#SBATCH {{requeue}}" in text and "#SBATCH --signal=B:USR1@{{signal_seconds}}" in text
     assert "srun --nodes=1 --ntasks=1" in text and "ray_start --head" in text
+
+
+@pytest.mark.parametrize("example", ["multi-node.sh", "sweep-array.sh"])
+def test_every_slurm_example_renders_a_job(example, tmp_path, monkeypatch):
+    """The commented examples in slurm/examples/ are commands that work: run with --dry-run appended,
+    each prints a job script for the nodes and array it describes."""
+    monkeypatch.delenv("PRETRAIN_SITE", raising=False)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", str(REPO / "slurm" / "examples" / example), "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    script = result.stdout
+    assert script.startswith("#!/bin/bash") and "-m launch.cli run" in script
+    if example == "multi-node.sh":
+        assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
+        assert "#SBATCH --partition=gpu" in script and "#SBATCH --exclusive" in script
+    else:
+        assert "#SBATCH --array=0-5%3" in script
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,16 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from models import BERT, ModelConfig
+from models import BERT, TransformerConfig
 
 TINY = dict(family="bert", vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, pad_token_id=0)
 VARIANTS = {
-    "bert-base-style": ModelConfig(**TINY, norm_position="post", gelu_approximate="none", type_vocab_size=2),
-    "pre-norm-rope-swiglu": ModelConfig(**TINY, position="rope", norm="rmsnorm", activation="swiglu", n_kv_heads=2),
+    "bert-base-style": TransformerConfig(**TINY, norm_position="post", gelu_approximate="none", type_vocab_size=2),
+    "pre-norm-rope-swiglu": TransformerConfig(
+        **TINY, position="rope", norm="rmsnorm", activation="swiglu", n_kv_heads=2
+    ),
 }
 
 
-def model_for(cfg: ModelConfig, seed: int = 0) -> BERT:
+def model_for(cfg: TransformerConfig, seed: int = 0) -> BERT:
     torch.manual_seed(seed)
     return BERT(cfg).eval()
 

@@ -2,7 +2,7 @@
 
 Windows hold several documents back to back. GPT's separator opens a document (its BOS), BERT's closes
 one (its [SEP]); the document ids below follow those conventions, as the loader computes them
-(pipeline.data.document_ids).
+(pipeline.data.masking.document_ids).
 """
 
 import pytest
@@ -10,24 +10,24 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from models import BERT, GPT, ModelConfig
+from models import BERT, GPT, TransformerConfig
 from models.layers import document_attention_mask, document_positions, flex_block_mask
 
 SEP = 1
 GPT_TINY = dict(family="gpt", vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)
 BERT_TINY = dict(family="bert", vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)
 VARIANTS = {
-    "gpt2": ModelConfig(**GPT_TINY),
-    "llama-rope-gqa": ModelConfig(
+    "gpt2": TransformerConfig(**GPT_TINY),
+    "llama-rope-gqa": TransformerConfig(
         **GPT_TINY, n_kv_heads=2, activation="swiglu", norm="rmsnorm", position="rope", bias=False
     ),
-    "gpt-sinusoidal": ModelConfig(**GPT_TINY, position="sinusoidal"),
-    "bert-base-style": ModelConfig(**BERT_TINY, norm_position="post", gelu_approximate="none"),
-    "bert-rope": ModelConfig(**BERT_TINY, position="rope", norm="rmsnorm"),
+    "gpt-sinusoidal": TransformerConfig(**GPT_TINY, position="sinusoidal"),
+    "bert-base-style": TransformerConfig(**BERT_TINY, norm_position="post", gelu_approximate="none"),
+    "bert-rope": TransformerConfig(**BERT_TINY, position="rope", norm="rmsnorm"),
 }
 
 
-def build(cfg: ModelConfig):
+def build(cfg: TransformerConfig):
     torch.manual_seed(0)
     return (GPT if cfg.family == "gpt" else BERT)(cfg).eval()
 

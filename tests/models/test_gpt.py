@@ -7,19 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from models import GPT, ModelConfig, sample_next_token
+from models import GPT, TransformerConfig, sample_next_token
 
 TINY = dict(family="gpt", vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)
 VARIANTS = {
-    "gpt2": ModelConfig(**TINY),
-    "llama-gqa": ModelConfig(
+    "gpt2": TransformerConfig(**TINY),
+    "llama-gqa": TransformerConfig(
         **TINY, n_kv_heads=2, activation="swiglu", norm="rmsnorm", position="rope", bias=False, tie_embeddings=False
     ),
-    "sinusoidal-post-norm": ModelConfig(**TINY, position="sinusoidal", norm_position="post"),
+    "sinusoidal-post-norm": TransformerConfig(**TINY, position="sinusoidal", norm_position="post"),
 }
 
 
-def model_for(cfg: ModelConfig, seed: int = 0) -> GPT:
+def model_for(cfg: TransformerConfig, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(cfg).eval()
 
@@ -59,7 +59,7 @@ def test_labels_are_already_aligned_and_minus_100_is_ignored():
 
 
 def test_residual_projections_get_the_scaled_init():
-    model = model_for(ModelConfig(**{**TINY, "d_model": 128, "n_layers": 8}))
+    model = model_for(TransformerConfig(**{**TINY, "d_model": 128, "n_layers": 8}))
     block = model.transformer.blocks[0]
     expected = 0.02 / math.sqrt(2 * 8)
     assert abs(block.attn.out.weight.std().item() - expected) < 0.1 * expected

@@ -5,12 +5,22 @@ import torch
 import transformers
 from torch.testing import assert_close
 
-from models import BERT, GPT, ModelConfig, from_hf, from_hf_config, hf_arch, load_hf_state_dict, to_hf, to_hf_config
+from models import (
+    BERT,
+    GPT,
+    TransformerConfig,
+    from_hf,
+    from_hf_config,
+    hf_arch,
+    load_hf_state_dict,
+    to_hf,
+    to_hf_config,
+)
 
 VOCAB, SEQ = 61, 10
 TINY = dict(vocab_size=VOCAB, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)
-GPT2_CFG = ModelConfig(family="gpt", d_ff=48, **TINY)
-LLAMA_CFG = ModelConfig(
+GPT2_CFG = TransformerConfig(family="gpt", d_ff=48, **TINY)
+LLAMA_CFG = TransformerConfig(
     family="gpt",
     n_kv_heads=2,
     d_ff=48,
@@ -22,7 +32,7 @@ LLAMA_CFG = ModelConfig(
     tie_embeddings=False,
     **TINY,
 )
-BERT_CFG = ModelConfig(
+BERT_CFG = TransformerConfig(
     family="bert",
     d_ff=48,
     gelu_approximate="none",
@@ -74,7 +84,7 @@ def test_causal_lm_to_hf_matches_logits(cfg):
 
 
 def test_tied_llama_round_trip():
-    cfg = ModelConfig(**{**LLAMA_CFG.__dict__, "tie_embeddings": True})
+    cfg = TransformerConfig(**{**LLAMA_CFG.__dict__, "tie_embeddings": True})
     ours = randomize_(GPT(cfg), seed=3)
     hf = to_hf(ours)
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
@@ -108,7 +118,7 @@ def test_bert_to_hf_matches_logits_with_padding():
 
 
 def test_bert_without_token_types_exports_a_zero_type():
-    cfg = ModelConfig(**{**BERT_CFG.__dict__, "type_vocab_size": 0})
+    cfg = TransformerConfig(**{**BERT_CFG.__dict__, "type_vocab_size": 0})
     ours = randomize_(BERT(cfg), seed=5)
     hf = to_hf(ours)
     assert hf.config.type_vocab_size == 1
@@ -142,7 +152,7 @@ def test_hf_arch_names_the_class(cfg, arch):
 )
 def test_hf_arch_rejects_configs_without_equivalent(base, change, field):
     with pytest.raises(ValueError, match=f"model.{field}="):
-        hf_arch(ModelConfig(**{**base.__dict__, **change}))
+        hf_arch(TransformerConfig(**{**base.__dict__, **change}))
 
 
 def test_load_refuses_leftover_weights():

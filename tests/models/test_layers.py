@@ -1,4 +1,4 @@
-"""ModelConfig rules, the shared blocks' maths, and the size arithmetic the planner relies on."""
+"""TransformerConfig rules, the shared blocks' maths, and the size arithmetic the planner relies on."""
 
 import math
 
@@ -8,32 +8,42 @@ import torch.nn.functional as F
 from accelerate import init_empty_weights
 from torch.testing import assert_close
 
-from models import BERT, GPT, ModelConfig, activation_memory_bytes, flops_per_token, matmul_parameters, num_parameters
+from models import (
+    BERT,
+    GPT,
+    TransformerConfig,
+    activation_memory_bytes,
+    flops_per_token,
+    matmul_parameters,
+    num_parameters,
+)
 from models.layers import MLP, Block, apply_rope, make_norm, rope_cos_sin, sinusoidal_positions
 
 TINY = dict(vocab_size=100, max_seq_len=32, d_model=64, n_layers=2, n_heads=4)
 
 
 def test_ffn_dim_rules():
-    assert ModelConfig(family="gpt", **TINY).ffn_dim == 256
-    assert ModelConfig(family="gpt", **{**TINY, "d_model": 4096}, activation="swiglu").ffn_dim == 10944  # 10922 -> x64
-    assert ModelConfig(family="gpt", **TINY, activation="swiglu", d_ff=100).ffn_dim == 100
+    assert TransformerConfig(family="gpt", **TINY).ffn_dim == 256
+    assert (
+        TransformerConfig(family="gpt", **{**TINY, "d_model": 4096}, activation="swiglu").ffn_dim == 10944
+    )  # 10922 -> x64
+    assert TransformerConfig(family="gpt", **TINY, activation="swiglu", d_ff=100).ffn_dim == 100
 
 
 def test_config_derived_head_shapes():
-    cfg = ModelConfig(family="gpt", **TINY, n_kv_heads=2)
+    cfg = TransformerConfig(family="gpt", **TINY, n_kv_heads=2)
     assert (cfg.head_dim, cfg.kv_heads) == (16, 2)
-    assert ModelConfig(family="gpt", **TINY).kv_heads == 4
+    assert TransformerConfig(family="gpt", **TINY).kv_heads == 4
 
 
 @pytest.mark.parametrize("bad", [dict(n_heads=5), dict(n_kv_heads=3)])
 def test_config_rejects_indivisible_heads(bad):
     with pytest.raises(ValueError, match="must divide"):
-        ModelConfig(family="gpt", **{**TINY, **bad})
+        TransformerConfig(family="gpt", **{**TINY, **bad})
 
 
 def test_rmsnorm_is_weight_only_and_scales_by_rms():
-    norm = make_norm(ModelConfig(family="gpt", **TINY, norm="rmsnorm", norm_eps=0.0))
+    norm = make_norm(TransformerConfig(family="gpt", **TINY, norm="rmsnorm", norm_eps=0.0))
     assert [name for name, _ in norm.named_parameters()] == ["weight"]
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
@@ -42,7 +52,7 @@ def test_rmsnorm_is_weight_only_and_scales_by_rms():
 
 
 def test_rope_scores_depend_only_on_relative_position():
-    cfg = ModelConfig(family="gpt", **TINY, position="rope")
+    cfg = TransformerConfig(family="gpt", **TINY, position="rope")
     cos, sin = rope_cos_sin(12, cfg)
     q, k = torch.randn(cfg.head_dim), torch.randn(cfg.head_dim)
     rotated_q = apply_rope(q.expand(1, 1, 12, -1), cos, sin)[0, 0]  # q at every position
@@ -61,34 +71,34 @@ def test_sinusoidal_table_alternates_sin_and_cos():
 
 
 def test_swiglu_mlp_gates_with_silu():
-    mlp = MLP(ModelConfig(family="gpt", **TINY, activation="swiglu", bias=False))
+    mlp = MLP(TransformerConfig(family="gpt", **TINY, activation="swiglu", bias=False))
     x = torch.randn(2, 5, 64)
     assert_close(mlp(x), mlp.down(F.silu(mlp.gate(x)) * mlp.up(x)))
 
 
 def test_post_norm_block_ends_normalised_and_pre_norm_does_not():
     x = torch.randn(2, 5, 64) * 3 + 1
-    post = Block(ModelConfig(family="bert", **TINY, norm_position="post"))(x)
+    post = Block(TransformerConfig(family="bert", **TINY, norm_position="post"))(x)
     assert_close(post.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
     assert_close(post.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-3, rtol=0)
-    pre = Block(ModelConfig(family="gpt", **TINY))(x)
+    pre = Block(TransformerConfig(family="gpt", **TINY))(x)
     assert pre.mean(-1).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_num_parameters_counts_tied_weights_once(tie):
-    model = GPT(ModelConfig(family="gpt", **TINY, tie_embeddings=tie))
+    model = GPT(TransformerConfig(family="gpt", **TINY, tie_embeddings=tie))
     distinct = {id(p): p.numel() for p in model.parameters()}
     assert num_parameters(model) == sum(distinct.values())
     embeddings = 100 * 64 + 32 * 64  # tokens + learned positions
     assert num_parameters(model, exclude_embeddings=True) == num_parameters(model) - embeddings
-    assert num_parameters(GPT(ModelConfig(family="gpt", **TINY, tie_embeddings=not tie))) - num_parameters(model) == (
-        100 * 64 if tie else -100 * 64
-    )
+    assert num_parameters(GPT(TransformerConfig(family="gpt", **TINY, tie_embeddings=not tie))) - num_parameters(
+        model
+    ) == (100 * 64 if tie else -100 * 64)
 
 
 def test_flops_per_token_by_hand():
-    cfg = ModelConfig(family="gpt", **TINY)
+    cfg = TransformerConfig(family="gpt", **TINY)
     per_layer = 4 * 64 * 64 + 2 * 64 * 256  # q, k, v, out + the two MLP matrices
     n = 2 * per_layer + 64 * 100  # + the projection to the vocabulary
     assert matmul_parameters(cfg) == n == 104704
@@ -98,9 +108,9 @@ def test_flops_per_token_by_hand():
 @pytest.mark.parametrize(
     "cfg",
     [
-        ModelConfig(family="gpt", **TINY, tie_embeddings=False),
-        ModelConfig(family="gpt", **TINY, n_kv_heads=1, activation="swiglu", position="rope", norm="rmsnorm"),
-        ModelConfig(family="bert", **TINY, norm_position="post", type_vocab_size=2),
+        TransformerConfig(family="gpt", **TINY, tie_embeddings=False),
+        TransformerConfig(family="gpt", **TINY, n_kv_heads=1, activation="swiglu", position="rope", norm="rmsnorm"),
+        TransformerConfig(family="bert", **TINY, norm_position="post", type_vocab_size=2),
     ],
     ids=["gpt2", "llama-gqa", "bert"],
 )
@@ -111,17 +121,17 @@ def test_matmul_parameters_equal_the_models_linear_weights(cfg):
 
 
 def test_activation_memory_reproduces_korthikanti_without_attention_scores():
-    cfg = ModelConfig(family="gpt", **TINY, dropout=0.1)
+    cfg = TransformerConfig(family="gpt", **TINY, dropout=0.1)
     s, b, h = 32, 3, 64
     korthikanti_layers = 2 * s * b * h * 34  # their 16-bit per-layer figure, minus the 5as/h term
     head = s * b * (h * 2 + 100 * 4)
     assert activation_memory_bytes(cfg, micro_batch=b, seq_len=s, bytes_per_value=2) == korthikanti_layers + head
-    no_dropout = ModelConfig(family="gpt", **TINY)
+    no_dropout = TransformerConfig(family="gpt", **TINY)
     assert activation_memory_bytes(no_dropout, b, s, 2) == korthikanti_layers + head - 2 * s * b * h * 2
 
 
 def test_7b_llama_shape_builds_on_meta():
-    cfg = ModelConfig(
+    cfg = TransformerConfig(
         family="gpt",
         vocab_size=32000,
         max_seq_len=4096,

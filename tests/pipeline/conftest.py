@@ -50,9 +50,9 @@ def repo_artifacts_dir() -> Path:
 
 def train_tiny_run(arch: str, shard_dir: Path, workdir: Path):
     """A 2-step ZeRO-2 training run (one worker, tracking off) -> (config, run_dir)."""
-    from pipeline.rundir import prepare_run_dir
+    from pipeline.run.rundir import prepare_run_dir
     from pipeline.training.ray_train import run_training
-    from tests.pipeline.test_export import tiny_config
+    from tests.pipeline.eval.test_export import tiny_config
 
     config = tiny_config(
         arch,

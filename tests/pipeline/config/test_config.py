@@ -6,7 +6,7 @@ import yaml
 from pipeline.config import Config, config_reference_markdown, dump_config, load_config
 from pipeline.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 

@@ -29,7 +29,7 @@ from launch.cli import main
 from pipeline.config import SECTIONS, Config, SourceConfig, dump_config, load_config
 from pipeline.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FUZZ = settings(
     max_examples=150,
     deadline=None,

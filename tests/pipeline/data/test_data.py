@@ -6,18 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import (
-    IGNORE_INDEX,
-    BatchLoader,
-    TokenDataset,
-    check_vocab_fits,
-    epoch_sample_table,
-    inspect_shards,
-    target_counts,
-    verify_shards,
-)
+from pipeline.data.inspect import inspect_shards
+from pipeline.data.loader import BatchLoader, TokenDataset, check_vocab_fits, epoch_sample_table, target_counts
+from pipeline.data.masking import IGNORE_INDEX
+from pipeline.data.shards import verify_shards
+from pipeline.data.tokenizer import special_token_ids
 from pipeline.errors import DataError
-from pipeline.tokenizer import special_token_ids
 
 
 def gpt_loader(shard_dir, split="train", **overrides):

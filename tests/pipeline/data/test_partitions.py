@@ -4,8 +4,8 @@ import random
 import pytest
 
 from pipeline.config import SourceConfig, load_config
-from pipeline.partitions import plan_source
-from pipeline.readers import PartitionReader
+from pipeline.data.partitions import plan_source
+from pipeline.data.readers import PartitionReader
 
 
 def plan(path, partition_bytes, val_permille=20, **settings):

@@ -6,10 +6,10 @@ import pytest
 import zstandard
 
 from pipeline.config import SourceConfig, load_config
+from pipeline.data.partitions import plan_source
+from pipeline.data.readers import PartitionReader, ReadStats, source_texts
+from pipeline.data.sources import BUILTIN_STDLIB, stdlib_files
 from pipeline.errors import DataError
-from pipeline.partitions import plan_source
-from pipeline.readers import PartitionReader, ReadStats, source_texts
-from pipeline.sources import BUILTIN_STDLIB, stdlib_files
 
 
 def read(path, partition_bytes=8 << 20, **settings):

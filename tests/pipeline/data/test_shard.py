@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.artifacts import read_manifest
 from pipeline.config import load_config
-from pipeline.data import file_sha256, read_index, token_dtype
+from pipeline.data.shard import shard_stage
+from pipeline.data.shard_index import PARTS_DIR
+from pipeline.data.shards import file_sha256, read_index, token_dtype
+from pipeline.data.sources import is_validation
+from pipeline.data.tokenizer import load_tokenizer, tokenizer_stage
 from pipeline.errors import DataError
-from pipeline.shard import shard_stage
-from pipeline.shard_index import PARTS_DIR
-from pipeline.sources import is_validation
-from pipeline.tokenizer import load_tokenizer, tokenizer_stage
+from pipeline.run.artifacts import read_manifest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def write_corpus(directory, documents=60):
@@ -180,8 +180,8 @@ RESUMABLE_BUILD = """
 import sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from tests.pipeline.test_shard import corpus_config
-from pipeline.shard import shard_stage
+from tests.pipeline.data.test_shard import corpus_config
+from pipeline.data.shard import shard_stage
 shard_stage(corpus_config(Path({workdir!r}), Path({corpus!r}), *{overrides!r}))
 """
 

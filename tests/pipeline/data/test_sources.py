@@ -3,8 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import SourceConfig, load_config
-from pipeline.errors import DataError
-from pipeline.sources import (
+from pipeline.data.sources import (
     BUILTIN_STDLIB,
     corpus_identity,
     is_validation,
@@ -13,6 +12,7 @@ from pipeline.sources import (
     stdlib_files,
     validation_rule,
 )
+from pipeline.errors import DataError
 
 
 @pytest.mark.parametrize(

@@ -5,15 +5,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, DataError
-from pipeline.readers import source_texts
-from pipeline.tokenizer import (
+from pipeline.data.readers import source_texts
+from pipeline.data.tokenizer import (
     FAMILY_SPECIAL_TOKENS,
     load_tokenizer,
     special_token_ids,
     tokenizer_stage,
     train_tokenizer,
 )
+from pipeline.errors import ConfigError, DataError
 
 SMALL = ["data.max_documents=30", "tokenizer.vocab_size=400", "tokenizer.sample_bytes=200000"]
 

@@ -13,10 +13,10 @@ import torch
 from torch.testing import assert_close
 
 from pipeline.config import load_config
+from pipeline.data.tokenizer import load_tokenizer, special_token_ids
 from pipeline.errors import CheckpointError, ExportError
-from pipeline.export import check_exportable, export_hf, export_model, resolve_checkpoint
-from pipeline.modeling import build_model
-from pipeline.tokenizer import load_tokenizer, special_token_ids
+from pipeline.eval.export import check_exportable, export_hf, export_model, resolve_checkpoint
+from pipeline.training.modeling import build_model
 
 os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
 
@@ -162,7 +162,7 @@ def test_missing_or_incomplete_checkpoints_are_named(tmp_path):
 def test_export_of_a_trained_run_round_trips(arch, trained_run, tmp_path):
     import transformers
 
-    from pipeline.export import load_checkpoint_model
+    from pipeline.eval.export import load_checkpoint_model
 
     config, run_dir, shard_dir = trained_run(arch)
     export_dir = export_hf(config, run_dir, tmp_path / "export", tokenizer_dir=shard_dir / "tokenizer")

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import ExportError
-from pipeline.evaluate import (
+from pipeline.eval.export import export_model
+from pipeline.eval.harness import run_lm_eval
+from pipeline.eval.stage import (
     bits_per_byte,
     evaluate,
     evaluate_run,
@@ -19,13 +22,10 @@ from pipeline.evaluate import (
     merge_lm_eval,
     write_report,
 )
-from pipeline.export import export_model
-from pipeline.harness import run_lm_eval
-from pipeline.modeling import build_model
-from pipeline.tokenizer import load_tokenizer
-from tests.pipeline.test_export import random_model, tiny_config
+from pipeline.training.modeling import build_model
+from tests.pipeline.eval.test_export import random_model, tiny_config
 
-LM_EVAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
+LM_EVAL_TASKS = Path(__file__).parent / "lm_eval"
 TINY_TASK = "pretrain_tiny_mc"
 TINY_TASK_DOCUMENTS = sum(1 for line in (LM_EVAL_TASKS / "tiny_mc.jsonl").open() if line.strip())
 

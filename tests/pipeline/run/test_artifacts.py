@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import (
+from pipeline.config import load_config
+from pipeline.run.artifacts import (
     MANIFEST,
     atomic_write_json,
     atomic_write_text,
@@ -16,7 +17,6 @@ from pipeline.artifacts import (
     read_manifest,
     stage_dir,
 )
-from pipeline.config import load_config
 
 
 def test_fingerprint_is_canonical_and_sensitive():
@@ -89,7 +89,7 @@ def test_directory_without_manifest_is_rebuilt(tmp_path):
 
 KILLED_BUILD = textwrap.dedent("""
     import os, sys
-    from pipeline.artifacts import build_stage
+    from pipeline.run.artifacts import build_stage
 
     def build(directory):
         (directory / "half.bin").write_bytes(b"x" * 1000)
@@ -100,7 +100,7 @@ KILLED_BUILD = textwrap.dedent("""
 
 
 def test_killed_build_is_not_trusted_and_its_temp_dir_is_removed(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     done = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(tmp_path)], env=env)
     assert done.returncode == 9
     stage_root = tmp_path / "cache" / "demo"

@@ -10,7 +10,7 @@ The non-finite losses come from real data, no hook: a BERT micro-batch made only
 no token to mask, so its mean masked-LM loss is 0/0 = NaN. `poison_shards` writes such micro-batches
 into a copy of the tiny BERT shards, on rank 1 only (the ranks must agree on the skip).
 
-References are trained in one torchrun launch (see tests/pipeline/test_train.py), and the comparisons
+References are trained in one torchrun launch (see tests/pipeline/training/test_train.py), and the comparisons
 are bit for bit: fp32 on CPU is deterministic.
 """
 
@@ -30,21 +30,23 @@ import psutil
 import pytest
 import torch
 
-from pipeline import checkpoint, rundir
 from pipeline.config import load_config
-from pipeline.data import (
-    TokenDataset,
-    epoch_sample_table,
-    file_sha256,
-    target_counts,
-    verify_shards,
-    windows_per_source,
-)
+from pipeline.data.loader import TokenDataset, epoch_sample_table, target_counts, windows_per_source
+from pipeline.data.shards import file_sha256, verify_shards
 from pipeline.errors import CheckpointError, DataError, StorageError
 from pipeline.tracking.journal import read_metrics
 from pipeline.tracking.names import METRIC_TRAIN_LOSS
-from tests.pipeline import test_train
-from tests.pipeline.test_train import TINY, figures, losses, make_run_dir, torchrun, train_with_torchrun, wait_for
+from pipeline.training import checkpoint, rng
+from tests.pipeline.training import test_train
+from tests.pipeline.training.test_train import (
+    TINY,
+    figures,
+    losses,
+    make_run_dir,
+    torchrun,
+    train_with_torchrun,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -121,14 +123,14 @@ def first_pass_losses(run_dir: Path) -> dict[int, float]:
 def branch_from(source: Path, tag_step: int, run_dir: Path, overrides: list[str], samples_consumed: int) -> Path:
     """A new run directory resuming from `source`'s checkpoint of tag_step, with the loader moved to
     samples_consumed: what a skip or a rollback should be equivalent to."""
-    tag = rundir.tag_for(tag_step)
+    tag = checkpoint.tag_for(tag_step)
     make_run_dir(run_dir, overrides)
-    shutil.copytree(rundir.checkpoints_dir(source) / tag, rundir.checkpoints_dir(run_dir) / tag)
-    state_file = rundir.checkpoints_dir(run_dir) / tag / rundir.TRAINER_STATE
+    shutil.copytree(checkpoint.checkpoints_dir(source) / tag, checkpoint.checkpoints_dir(run_dir) / tag)
+    state_file = checkpoint.checkpoints_dir(run_dir) / tag / checkpoint.TRAINER_STATE
     state = json.loads(state_file.read_text())
     state["loader"]["samples_consumed"] = samples_consumed
     state_file.write_text(json.dumps(state))
-    (rundir.checkpoints_dir(run_dir) / rundir.LATEST).write_text(tag + "\n")
+    (checkpoint.checkpoints_dir(run_dir) / checkpoint.LATEST).write_text(tag + "\n")
     return run_dir
 
 
@@ -206,9 +208,10 @@ def kill_a_training_worker(run_dir: Path, killed: list[int]) -> None:
     test process's descendants: other Ray instances on the machine are not touched)."""
     deadline = time.monotonic() + 300
     while (
-        not (rundir.checkpoints_dir(run_dir) / rundir.LATEST).exists()
+        not (checkpoint.checkpoints_dir(run_dir) / checkpoint.LATEST).exists()
         or max(losses(run_dir), default=0)
-        < rundir.read_trainer_state(rundir.checkpoints_dir(run_dir) / rundir.latest_tag(run_dir))["step"] + 2
+        < checkpoint.read_trainer_state(checkpoint.checkpoints_dir(run_dir) / checkpoint.latest_tag(run_dir))["step"]
+        + 2
     ):
         if time.monotonic() > deadline:
             return
@@ -230,7 +233,7 @@ def _name(process: psutil.Process) -> str:
 def test_worker_killed_under_ray_train_restarts_from_the_latest_checkpoint(tiny_shard_dir, tmp_path):
     """The reference is an uninterrupted Ray Train run: torchrun's launch reduces gradients through
     DeepSpeed's own CPU all-reduce, Ray's through gloo, which round differently in the last bit."""
-    from pipeline.runtime import ray_connection
+    from pipeline.run.runtime import ray_connection
     from pipeline.training.ray_train import run_training
 
     overrides = [*RAY_RUN, "cluster.max_failures=1"]
@@ -258,15 +261,15 @@ def test_worker_killed_under_ray_train_restarts_from_the_latest_checkpoint(tiny_
 def freeze_while_writing(process: subprocess.Popen, run_dir: Path) -> tuple[Path, list[psutil.Process]]:
     """Stop every process of the launch at a moment when a checkpoint directory exists without its
     COMPLETE marker and an earlier checkpoint is `latest`; returns that directory and the processes."""
-    root = rundir.checkpoints_dir(run_dir)
+    root = checkpoint.checkpoints_dir(run_dir)
     while True:
-        latest = rundir.latest_tag(run_dir) if (root / rundir.LATEST).exists() else None
+        latest = checkpoint.latest_tag(run_dir) if (root / checkpoint.LATEST).exists() else None
         partial = [p for p in root.glob("step-*") if latest and p.name > latest and not (p / "COMPLETE").exists()]
         if partial:
             processes = launch_processes(process)
             for p in processes:
                 p.suspend()
-            if partial[0].is_dir() and not (partial[0] / rundir.COMPLETE).exists():
+            if partial[0].is_dir() and not (partial[0] / checkpoint.COMPLETE).exists():
                 return partial[0], processes
             for p in processes:  # it completed meanwhile: wait for the next one
                 p.resume()
@@ -284,15 +287,15 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(trained, tiny_sha
     for p in processes:
         p.kill()
     process.communicate()
-    latest = rundir.latest_tag(run_dir)  # raises unless it names a complete checkpoint
-    assert latest < partial.name and partial.is_dir() and not (partial / rundir.COMPLETE).exists()
-    previous = rundir.checkpoints_dir(run_dir) / latest
+    latest = checkpoint.latest_tag(run_dir)  # raises unless it names a complete checkpoint
+    assert latest < partial.name and partial.is_dir() and not (partial / checkpoint.COMPLETE).exists()
+    previous = checkpoint.checkpoints_dir(run_dir) / latest
 
     output = train_with_torchrun(run_dir, tiny_shard_dir, tmp_path / "tmp")
     assert f"resumed from {previous} " in output
     assert figures(run_dir)["resumed_from_step"] == int(latest.removeprefix("step-"))
     assert losses(run_dir) == losses(trained["crash_reference"])
-    assert all((p / rundir.COMPLETE).exists() for p in rundir.checkpoints_dir(run_dir).glob("step-*"))
+    assert all((p / checkpoint.COMPLETE).exists() for p in checkpoint.checkpoints_dir(run_dir).glob("step-*"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_roll_back(trained, br
     assert by_step[10]["train/rollbacks"] == 1 and by_step[10]["train/skipped_steps"] == 2
     rollback = losses(branches["rollback"])
     assert {s: losses(run)[s] for s in range(9, 13)} == {s: rollback[s] for s in range(9, 13)}
-    state = rundir.read_trainer_state(rundir.checkpoints_dir(run) / rundir.latest_tag(run))
+    state = checkpoint.read_trainer_state(checkpoint.checkpoints_dir(run) / checkpoint.latest_tag(run))
     assert state["step"] == 12 and state["skipped_steps"] == 2 and state["rollbacks"] == 1
     assert state["loader"]["samples_consumed"] == 14 * SAMPLES_PER_STEP  # 12 steps + 2 batches thrown away
     assert all(np.isfinite(v) for v in losses(run).values())
@@ -323,7 +326,7 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_roll_back(trained, br
 
 @pytest.mark.slow
 def test_zero2_skips_and_rolls_back_like_zero0(trained):
-    """At ZeRO 2 DeepSpeed's own overflow check skips the step; at ZeRO 0 pipeline/engine.py does."""
+    """At ZeRO 2 DeepSpeed's own overflow check skips the step; at ZeRO 0 pipeline/training/engine.py does."""
     zero0, zero2 = trained["poisoned"], trained["poisoned_zero2"]
     test_train.assert_close(losses(zero2), losses(zero0), rel=1e-5)
     assert [r["metrics"].get("train/rollbacks") for r in records(zero2)] == [
@@ -357,8 +360,8 @@ def test_storage_check_names_directory_bytes_and_fix(tmp_path):
     assert needed == 3 * (free // 2) and "lower train.keep_checkpoints" in message
     # Complete checkpoints already on disk count as written: two kept, one more to write.
     for step in (1, 2):
-        (rundir.checkpoints_dir(tmp_path) / rundir.tag_for(step)).mkdir()
-        (rundir.checkpoints_dir(tmp_path) / rundir.tag_for(step) / rundir.COMPLETE).touch()
+        (checkpoint.checkpoints_dir(tmp_path) / checkpoint.tag_for(step)).mkdir()
+        (checkpoint.checkpoints_dir(tmp_path) / checkpoint.tag_for(step) / checkpoint.COMPLETE).touch()
     checkpoint.check_storage(tmp_path, checkpoint_bytes=free // 2, keep=2)
 
 
@@ -390,23 +393,23 @@ def test_disk_full_during_a_save_keeps_latest_and_resumes(trained, tiny_shard_di
     run_dir = make_run_dir(tmpfs / "run", DISK_RUN)
     args = ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)]
     process = torchrun(2, args, tmp_path / "tmp")
-    wait_for(lambda: (rundir.checkpoints_dir(run_dir) / rundir.LATEST).exists(), process)
+    wait_for(lambda: (checkpoint.checkpoints_dir(run_dir) / checkpoint.LATEST).exists(), process)
     processes = launch_processes(process)
     for p in processes:  # fill the disk between two checkpoints: another process ate the space
         p.suspend()
-    assert rundir.latest_tag(run_dir) == "step-00000005"
+    assert checkpoint.latest_tag(run_dir) == "step-00000005"
     filler = tmpfs / "filler"
     filler.write_bytes(b"\0" * (shutil.disk_usage(tmpfs).free - 100_000))
     for p in processes:
         p.resume()
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0
-    assert f"error: writing checkpoint {rundir.checkpoints_dir(run_dir) / 'step-00000010'} failed (" in output, output[
-        -8000:
-    ]
+    assert f"error: writing checkpoint {checkpoint.checkpoints_dir(run_dir) / 'step-00000010'} failed (" in output, (
+        output[-8000:]
+    )
     assert "the last good checkpoint step-00000005 is kept as `latest`" in output
-    assert rundir.latest_tag(run_dir) == "step-00000005"
-    assert not (rundir.checkpoints_dir(run_dir) / "step-00000010" / rundir.COMPLETE).exists()
+    assert checkpoint.latest_tag(run_dir) == "step-00000005"
+    assert not (checkpoint.checkpoints_dir(run_dir) / "step-00000010" / checkpoint.COMPLETE).exists()
 
     filler.unlink()
     train_with_torchrun(run_dir, tiny_shard_dir, tmp_path / "tmp")
@@ -476,29 +479,29 @@ class Payload:
 
 def test_rng_state_with_pickled_code_is_refused(tmp_path):
     marker = tmp_path / "ran"
-    rng = tmp_path / "rng" / "rank-00000.pt"
-    rng.parent.mkdir()
-    torch.save({"torch": Payload(marker)}, rng)
+    state_file = tmp_path / "rng" / "rank-00000.pt"
+    state_file.parent.mkdir()
+    torch.save({"torch": Payload(marker)}, state_file)
     with pytest.raises(Exception, match="Weights only load failed"):
-        checkpoint.load_rng_state(tmp_path, 0)
+        rng.load_rng_state(tmp_path, 0)
     assert not marker.exists()
 
 
 @pytest.mark.slow
 def test_checkpoint_with_pickled_code_is_refused_by_every_loader(trained, tiny_bert_shard_dir, tmp_path):
-    from pipeline.engine import consolidated_state_dict, verify_checkpoint
+    from pipeline.training.engine import consolidated_state_dict, verify_checkpoint
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained["clean"], run_dir)
-    tag = rundir.latest_tag(run_dir)
-    states = rundir.checkpoints_dir(run_dir) / tag / "mp_rank_00_model_states.pt"
+    tag = checkpoint.latest_tag(run_dir)
+    states = checkpoint.checkpoints_dir(run_dir) / tag / "mp_rank_00_model_states.pt"
     verify_checkpoint(states.parent)  # DeepSpeed's own checkpoint passes
-    consolidated_state_dict(rundir.checkpoints_dir(run_dir), tag)
+    consolidated_state_dict(checkpoint.checkpoints_dir(run_dir), tag)
     marker = tmp_path / "ran"
     saved = torch.load(states, weights_only=False)
     torch.save({**saved, "extra": Payload(marker)}, states)
     with pytest.raises(CheckpointError, match=rf"^refusing to load {re.escape(str(states))}: it pickles posix.system"):
-        consolidated_state_dict(rundir.checkpoints_dir(run_dir), tag)
+        consolidated_state_dict(checkpoint.checkpoints_dir(run_dir), tag)
     make_run_dir(run_dir, [*BERT, "train.checkpoint_every=5", "train.max_steps=14"])
     output = failing_run(run_dir, tiny_bert_shard_dir, tmp_path / "tmp")
     assert f"error: refusing to load {states}" in output

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.orchestrate import checkpoint_requests_outside_training
+from pipeline.run.orchestrate import checkpoint_requests_outside_training
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PRESET = str(REPO / "configs" / "gpt-tiny.yaml")
 MAX_STEPS = 20
 # gpt-tiny on 120 stdlib files with a 512-token vocabulary and a 2-layer, 64-wide model: ~25 s a run.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.runtime import accelerator_name, distributed_backend, worker_environment
+from pipeline.run.runtime import accelerator_name, distributed_backend, worker_environment
 
 
 def test_backend_follows_the_workers_devices():

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import rundir
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, TrackingError
-from pipeline.tracking import compare, journal, names, plot, store
+from pipeline.run import rundir
+from pipeline.tracking import compare, journal, local, names, plot, store
 
 pytestmark = pytest.mark.usefixtures("restore_mlflow_request_env")
 
@@ -100,7 +100,7 @@ def test_metrics_tags_and_stage_figures_reach_mlflow(tmp_path, store_uri):
     tracker = store.open_tracker(make_config(tmp_path, store_uri, "metrics"), tmp_path / "run")
     for step in range(5):
         tracker.log_metrics({names.METRIC_TRAIN_LOSS: 5.0 - step}, step=step)
-    store.log_stage(tracker, "eval", {"bits_per_byte": 1.25, "fingerprint": "abc"}, step=4)
+    local.log_stage(tracker, "eval", {"bits_per_byte": 1.25, "fingerprint": "abc"}, step=4)
     tracker.set_tags({"api_token": "t0ps3cret", "note": "hello"})
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "tokenizer.json").write_text("{}")
@@ -151,7 +151,7 @@ def test_reopen_continues_the_same_run(tmp_path, store_uri, caplog):
 def test_training_ranks_log_through_the_journal_and_the_driver_sends_it(tmp_path, store_uri):
     config = make_config(tmp_path, store_uri, "shared")
     driver = store.open_tracker(config, tmp_path / "run")
-    store.log_stage(driver, "tokenizer", {"vocab_size": 512})
+    local.log_stage(driver, "tokenizer", {"vocab_size": 512})
     client = MlflowClient(store_uri)
     with driver.syncing(interval_s=0.2):
         worker = journal.training_sink(tmp_path / "run", rank=0)  # rank 0 of the training workers
@@ -165,7 +165,7 @@ def test_training_ranks_log_through_the_journal_and_the_driver_sends_it(tmp_path
         assert steps_of(client, driver.run_id, names.METRIC_TRAIN_LOSS) == [0, 1, 2]
         assert client.get_run(driver.run_id).info.status == "RUNNING"
         worker.close()
-    store.log_stage(driver, "eval", {"bits_per_byte": 1.5}, step=2)
+    local.log_stage(driver, "eval", {"bits_per_byte": 1.5}, step=2)
     driver.finish()
 
     run = client.get_run(driver.run_id)

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.tracking import compare, names, store
+from pipeline.tracking import compare, local, names, store
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_mlflow_request_env")]
 
@@ -31,7 +31,7 @@ CHROMIUM_ARGS = [
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
-def open_run(tmp_path: Path, url: str, name: str, *overrides: str) -> store.LocalRun:
+def open_run(tmp_path: Path, url: str, name: str, *overrides: str) -> local.LocalRun:
     config = load_config(
         None,
         [

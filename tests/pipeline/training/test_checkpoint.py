@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, rundir
 from pipeline.config import load_config
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.training import checkpoint, rng
 
 
 def fake_engine_save(root, tag):
@@ -30,13 +30,13 @@ def test_layout_and_latest_pointer(tmp_path):
     assert path == tmp_path / "checkpoints" / "step-00000020"
     assert {p.name for p in path.iterdir()} == {"mp_rank_00_model_states.pt", "rng", "trainer_state.json", "COMPLETE"}
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000020\n"
-    assert rundir.latest_tag(tmp_path) == "step-00000020"
-    assert rundir.read_trainer_state(path) == {"step": 20}
+    assert checkpoint.latest_tag(tmp_path) == "step-00000020"
+    assert checkpoint.read_trainer_state(path) == {"step": 20}
     assert not list((tmp_path / "checkpoints").glob(".*tmp"))  # atomic writes leave no temp files
 
 
 def test_no_checkpoint_means_a_fresh_run(tmp_path):
-    assert rundir.latest_tag(tmp_path) is None
+    assert checkpoint.latest_tag(tmp_path) is None
     assert checkpoint.resume_point(tmp_path, load_config(None)) is None
 
 
@@ -52,7 +52,7 @@ def test_only_rank_0_marks_complete_and_only_after_the_barrier(tmp_path):
         assert not (tmp_path / "checkpoints" / "latest").exists()
 
     save(tmp_path, 5, rank=0, barrier=barrier)
-    assert rundir.latest_tag(tmp_path) == "step-00000005"
+    assert checkpoint.latest_tag(tmp_path) == "step-00000005"
 
 
 def test_keeps_the_newest_n_and_removes_partial_debris(tmp_path):
@@ -65,7 +65,7 @@ def test_keeps_the_newest_n_and_removes_partial_debris(tmp_path):
 def test_partial_checkpoints_are_ignored_and_removed_before_resume(tmp_path):
     save(tmp_path, 10)
     fake_engine_save(tmp_path / "checkpoints", "step-00000020")  # killed while saving
-    assert rundir.latest_tag(tmp_path) == "step-00000010"
+    assert checkpoint.latest_tag(tmp_path) == "step-00000010"
     assert checkpoint.remove_partial(tmp_path) == [tmp_path / "checkpoints" / "step-00000020"]
     assert not (tmp_path / "checkpoints" / "step-00000020").exists()
 
@@ -74,18 +74,18 @@ def test_latest_pointing_at_an_incomplete_checkpoint_is_an_error(tmp_path):
     save(tmp_path, 10)
     (tmp_path / "checkpoints" / "step-00000010" / "COMPLETE").unlink()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
-        rundir.latest_tag(tmp_path)
+        checkpoint.latest_tag(tmp_path)
 
 
 def test_rng_states_round_trip(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    checkpoint.save_rng_state(tmp_path, rank=1)
+    rng.save_rng_state(tmp_path, rank=1)
     expected = torch.rand(3), np.random.rand(3), random.random()
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
-    assert checkpoint.load_rng_state(tmp_path, rank=1)
+    assert rng.load_rng_state(tmp_path, rank=1)
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
-    assert not checkpoint.load_rng_state(tmp_path, rank=5)  # a rank the saving run did not have
+    assert not rng.load_rng_state(tmp_path, rank=5)  # a rank the saving run did not have
 
 
 def test_config_changes_allowed_and_refused(tmp_path):

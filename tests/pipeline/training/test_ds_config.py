@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeline.config import load_config
-from pipeline.ds_config import MAX_BUCKET, MIN_BUCKET, bucket_sizes, deepspeed_config
+from pipeline.training.ds_config import MAX_BUCKET, MIN_BUCKET, bucket_sizes, deepspeed_config
 
 SIZE = {"num_parameters": 124_000_000, "d_model": 768}
 
@@ -87,7 +87,9 @@ def test_raw_overrides_merge_and_warn_per_key():
 
 
 def test_module_does_not_import_deepspeed():
-    code = "import sys, pipeline.ds_config; assert 'deepspeed' not in sys.modules and 'torch' not in sys.modules"
+    code = (
+        "import sys, pipeline.training.ds_config; assert 'deepspeed' not in sys.modules and 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

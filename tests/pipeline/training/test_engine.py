@@ -1,5 +1,5 @@
 """The engine wrapper's pure parts: LR schedule, weight-decay groups, activation checkpointing.
-(DeepSpeed engines, checkpoints and fp32 consolidation run in tests/pipeline/test_train.py.)"""
+(DeepSpeed engines, checkpoints and fp32 consolidation run in tests/pipeline/training/test_train.py.)"""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.engine import enable_activation_checkpointing, lr_multiplier, param_groups
-from pipeline.modeling import build_model
+from pipeline.training.engine import enable_activation_checkpointing, lr_multiplier, param_groups
+from pipeline.training.modeling import build_model
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=16", "tokenizer.vocab_size=320"]
 

@@ -1,7 +1,7 @@
 from models.layers import num_parameters
 from pipeline.config import load_config
-from pipeline.modeling import build_model
-from pipeline.plan import bytes_per_parameter, format_plan, make_plan, model_state_memory
+from pipeline.training.modeling import build_model
+from pipeline.training.plan import bytes_per_parameter, format_plan, make_plan, model_state_memory
 
 
 def test_mixed_precision_accounting_matches_the_zero_paper():

@@ -1,6 +1,6 @@
 """The train stage on real DeepSpeed, torchrun and Ray Train: 2 CPU ranks, gloo, fp32, a tiny GPT.
 
-Most runs share one torchrun launch (`torchrun ... tests/pipeline/test_train.py --shards DIR RUN_DIR...`
+Most runs share one torchrun launch (`torchrun ... tests/pipeline/training/test_train.py --shards DIR RUN_DIR...`
 runs `train_worker` once per run directory in the same process group), because starting torchrun,
 DeepSpeed and Ray costs far more than training the tiny model.
 
@@ -8,7 +8,7 @@ The golden loss file tests/pipeline/golden/gpt_tiny_losses.json holds the per-st
 `zero0` run (TINY on the `tiny_shard_dir` fixture). A deliberate change of the model, its init, the
 data pipeline or the loop changes them; regenerate the file with
 
-    PRETRAIN_REGENERATE_GOLDEN=1 .venv/bin/python -m pytest tests/pipeline/test_train.py -k golden
+    PRETRAIN_REGENERATE_GOLDEN=1 .venv/bin/python -m pytest tests/pipeline/training/test_train.py -k golden
 
 and say why in the commit message.
 """
@@ -28,16 +28,16 @@ import psutil
 import pytest
 import torch
 
-from pipeline import checkpoint, rundir
 from pipeline.config import dump_config, load_config
 from pipeline.errors import ConfigError
-from pipeline.rundir import REQUEST_FILE, TRAIN_RESULT_FILE
+from pipeline.run.rundir import REQUEST_FILE, TRAIN_RESULT_FILE
 from pipeline.tracking.journal import read_metrics
 from pipeline.tracking.names import METRIC_TRAIN_LOSS, METRIC_VAL_LOSS
+from pipeline.training import checkpoint
 from pipeline.training.meter import peak_flops_per_device
 from pipeline.training.requests import CHECKPOINT, CHECKPOINT_AND_STOP, CheckpointRequests
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 GOLDEN = Path(__file__).parent / "golden" / "gpt_tiny_losses.json"
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node"]
 
@@ -77,7 +77,7 @@ RUNS = {  # name -> overrides of TINY, all trained in one torchrun launch, in th
     "compiled0": ["train.compile=true"],
     "compiled2": ["train.zero_stage=2", "train.compile=true"],
     "profiled": ["train.profile_at_step=3", "train.profile_steps=2"],
-    # Last: zero.Init swaps F.linear for the rest of the process (see pipeline.engine.create_model).
+    # Last: zero.Init swaps F.linear for the rest of the process (see pipeline.training.engine.create_model).
     "zero3": ["train.zero_stage=3"],
 }
 pytestmark = pytest.mark.timeout(900)
@@ -218,9 +218,10 @@ def test_golden_losses(trained):
         GOLDEN.write_text(
             json.dumps(
                 {
-                    "about": "per-step train loss of tests/pipeline/test_train.py TINY on the tiny_shard_dir fixture, "
+                    "about": "per-step train loss of tests/pipeline/training/test_train.py TINY on the tiny_shard_dir "
+                    "fixture, "
                     "2 ranks, fp32, ZeRO 0; regenerate: PRETRAIN_REGENERATE_GOLDEN=1 pytest "
-                    "tests/pipeline/test_train.py -k golden",
+                    "tests/pipeline/training/test_train.py -k golden",
                     "config_overrides": TINY,
                     "losses": {str(k): v for k, v in sorted(actual.items())},
                 },
@@ -259,20 +260,20 @@ def test_figures_metrics_and_checkpoint_layout(trained):
         "train/rss_gib",
         "train/rss_peak_gib",
     } <= record["metrics"].keys()
-    tag_dir = rundir.checkpoints_dir(run_dir) / rundir.latest_tag(run_dir)
-    assert tag_dir.name == "step-00000010" and (tag_dir / rundir.COMPLETE).is_file()
+    tag_dir = checkpoint.checkpoints_dir(run_dir) / checkpoint.latest_tag(run_dir)
+    assert tag_dir.name == "step-00000010" and (tag_dir / checkpoint.COMPLETE).is_file()
     assert {p.name for p in (tag_dir / "rng").iterdir()} == {"rank-00000.pt", "rank-00001.pt"}
-    state = rundir.read_trainer_state(tag_dir)
+    state = checkpoint.read_trainer_state(tag_dir)
     assert state["step"] == 10 and state["loader"] == {"epoch": 0, "samples_consumed": 160}
 
 
 @pytest.mark.slow
 def test_consolidated_fp32_state_dict_from_any_stage(trained):
-    from pipeline.engine import consolidated_state_dict
+    from pipeline.training.engine import consolidated_state_dict
 
     def state(name):
         run_dir = trained[name]
-        return consolidated_state_dict(rundir.checkpoints_dir(run_dir), rundir.latest_tag(run_dir))
+        return consolidated_state_dict(checkpoint.checkpoints_dir(run_dir), checkpoint.latest_tag(run_dir))
 
     reference = state("zero0")
     assert reference["lm_head.weight"].dtype == torch.float32
@@ -292,7 +293,7 @@ def test_sigkill_resume_and_sigterm_stop_match_uninterrupted(trained, tiny_shard
     args = ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)]
 
     killed = torchrun(2, args, tmp_path / "tmp")
-    wait_for(lambda: (rundir.checkpoints_dir(run_dir) / rundir.LATEST).exists(), killed)
+    wait_for(lambda: (checkpoint.checkpoints_dir(run_dir) / checkpoint.LATEST).exists(), killed)
     agent = psutil.Process(killed.pid)
     for process in [*agent.children(recursive=True), agent]:  # workers run in sessions of their own
         process.kill()
@@ -312,7 +313,7 @@ def test_sigkill_resume_and_sigterm_stop_match_uninterrupted(trained, tiny_shard
     train_with_torchrun(run_dir, tiny_shard_dir, tmp_path / "tmp")
     assert figures(run_dir)["steps"] == 60 and figures(run_dir)["resumed_from_step"] > first_leg - 4
     assert losses(run_dir) == losses(trained["long"])
-    complete = [p for p in rundir.checkpoints_dir(run_dir).glob("step-*") if (p / rundir.COMPLETE).exists()]
+    complete = [p for p in checkpoint.checkpoints_dir(run_dir).glob("step-*") if (p / checkpoint.COMPLETE).exists()]
     assert len(complete) == 2  # train.keep_checkpoints
 
 
@@ -326,11 +327,11 @@ def test_resume_on_fewer_ranks_maps_data_position(trained, tiny_shard_dir, tmp_p
     output = train_with_torchrun(run_dir, tiny_shard_dir, tmp_path / "tmp", nproc=1)
     assert "resume: cluster.num_workers changed from 2 to 1" in output
     assert "resume: train.max_steps changed from 10 to 14" in output
-    state = rundir.read_trainer_state(rundir.checkpoints_dir(run_dir) / "step-00000014")
+    state = checkpoint.read_trainer_state(checkpoint.checkpoints_dir(run_dir) / "step-00000014")
     assert state["loader"]["samples_consumed"] == 10 * 16 + 4 * 8 and state["world_size"] == 1
     assert figures(run_dir)["resumed_from_step"] == 10
     assert losses(run_dir)[11] == pytest.approx(losses(run_dir)[10], rel=0.01)  # continues, no jump
-    assert not (rundir.checkpoints_dir(run_dir) / "universal").exists()
+    assert not (checkpoint.checkpoints_dir(run_dir) / "universal").exists()
 
 
 @pytest.mark.slow
@@ -391,10 +392,10 @@ def test_driver_forwards_signals_as_a_request_file(tmp_path):
 
 
 def _train_runs(argv: list[str]) -> None:
-    """`torchrun --nproc_per_node N tests/pipeline/test_train.py RUN_DIR=SHARD_DIR...`"""
+    """`torchrun --nproc_per_node N tests/pipeline/training/test_train.py RUN_DIR=SHARD_DIR...`"""
     import torch.distributed as dist
 
-    from pipeline.engine import init_distributed
+    from pipeline.training.engine import init_distributed
     from pipeline.training.torchrun import train_and_record
 
     init_distributed()

@@ -1,0 +1,1 @@
+"""The Slurm job template `pretrain submit` renders, with its README and examples: package data."""
