@@ -364,7 +364,17 @@ def resume(run: Run, point: tuple[Path, dict, dict] | None) -> None:
         print(f"resumed from {path} (step {run.step}, {run.tokens_seen:,} tokens)", flush=True)
         for key, (old, new) in changes.items():
             print(f"resume: {key} changed from {old!r} to {new!r}", flush=True)
-        run.sink.set_tags({"train.resumed_from_step": run.step})
+        applied = {f"train.applied.{key}": value for key, value in run.applied_hyperparameters.items()}
+        run.sink.set_tags({"train.resumed_from_step": run.step, **applied})
+        if run.step >= run.config.train.max_steps:
+            print(nothing_left_message(run.step, run.config.train.max_steps), flush=True)
+
+
+def nothing_left_message(step: int, max_steps: int) -> str:
+    return (
+        f"nothing left to train: the run finished step {step} of train.max_steps={max_steps}; raise "
+        "train.max_steps (or train.max_tokens) to train on, e.g. `pretrain resume RUN_DIR train.max_steps=N`"
+    )
 
 
 def load_state(run: Run, path: Path, state: dict[str, Any], *, restore_loader: bool) -> None:
@@ -382,7 +392,7 @@ def load_state(run: Run, path: Path, state: dict[str, Any], *, restore_loader: b
         shutil.rmtree(load_dir, ignore_errors=True)  # debris of an interrupted conversion
         engine.convert_to_universal(path, load_dir / path.name)
     dist.barrier()
-    engine.load_checkpoint(run.engine, load_dir, path.name)
+    run.applied_hyperparameters = engine.load_checkpoint(run.engine, load_dir, path.name, run.config.train)
     dist.barrier()
     if reshard and run.rank == 0:
         shutil.rmtree(load_dir)

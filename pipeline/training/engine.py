@@ -106,7 +106,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             continue
         no_decay_param = _is_vector(param) or id(param) in embeddings
         (no_decay if no_decay_param else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # `decays` travels with the group through DeepSpeed and its checkpoints: `apply_hyperparameters`
+    # reads it to give a resumed run the current weight decay.
+    return [
+        {"params": decay, "weight_decay": weight_decay, "decays": True},
+        {"params": no_decay, "weight_decay": 0.0, "decays": False},
+    ]
 
 
 def _is_vector(param: nn.Parameter) -> bool:
@@ -236,16 +241,40 @@ def save_checkpoint(engine, checkpoints_dir: Path, tag: str) -> None:
     engine.save_checkpoint(str(checkpoints_dir), tag=tag, save_latest=False)
 
 
-def load_checkpoint(engine, checkpoints_dir: Path, tag: str) -> None:
-    """Restore model, optimizer, scheduler (and loss scaler) from `<checkpoints_dir>/<tag>/`."""
+def load_checkpoint(engine, checkpoints_dir: Path, tag: str, train: TrainConfig) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler (and loss scaler) from `<checkpoints_dir>/<tag>/`, then apply
+    the current config's optimizer settings; returns them as read back from the optimizer."""
     path, _ = engine.load_checkpoint(str(checkpoints_dir), tag=tag)
     if path is None:
-        raise CheckpointError(
-            f"{checkpoints_dir / tag}: DeepSpeed found no checkpoint to load; delete the directory to start over"
-        )
-    scheduler = engine.lr_scheduler  # apply the schedule of the current config (max_steps may have changed)
-    for group, base_lr, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base_lr * multiplier(scheduler.last_epoch)
+        raise CheckpointError(f"{checkpoints_dir / tag}: DeepSpeed found no checkpoint to load in it")
+    return apply_hyperparameters(engine, train)
+
+
+def apply_hyperparameters(engine, train: TrainConfig) -> dict[str, Any]:
+    """The current config's learning rate, schedule, weight decay, betas and epsilon on a loaded engine.
+
+    DeepSpeed restores the optimizer's param groups and the scheduler's base learning rates from the
+    checkpoint, so a value changed on resume would silently revert to the saved one. The schedule's
+    shape (warmup, decay, min-lr ratio, max_steps) is the current config's already: the multiplier is
+    a closure, which LambdaLR does not save. Gradient clipping comes from the DeepSpeed config the
+    engine was built with. Returns the values as the optimizer now holds them."""
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [train.lr] * len(scheduler.base_lrs)
+    groups = scheduler.optimizer.param_groups
+    for index, (group, multiplier) in enumerate(zip(groups, scheduler.lr_lambdas)):
+        group["initial_lr"] = train.lr
+        group["lr"] = train.lr * multiplier(scheduler.last_epoch)
+        group["betas"] = (train.beta1, train.beta2)
+        group["eps"] = train.adam_eps
+        group["weight_decay"] = train.weight_decay if group.get("decays", index == 0) else 0.0
+    return {
+        "lr": groups[0]["lr"],
+        "peak_lr": scheduler.base_lrs[0],
+        "betas": list(groups[0]["betas"]),
+        "eps": groups[0]["eps"],
+        "weight_decay": max(group["weight_decay"] for group in groups),
+        "grad_clip": engine.gradient_clipping(),
+    }
 
 
 def convert_to_universal(checkpoint: Path, out_dir: Path) -> None:

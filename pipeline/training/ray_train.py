@@ -21,7 +21,7 @@ from pipeline.data.shards import verify_shards
 from pipeline.errors import UserError
 from pipeline.run.rundir import save_traceback
 from pipeline.run.runtime import distributed_backend, ray_connection
-from pipeline.training.checkpoint import resume_point
+from pipeline.training.checkpoint import nothing_left_message, resume_point
 from pipeline.training.loop import check_storage
 from pipeline.training.progress import training_progress
 from pipeline.training.requests import forward_signals
@@ -71,12 +71,12 @@ def run_training(config: Config, shard_dir: Path, run_dir: Path, echo: Callable[
     run_dir, shard_dir = Path(run_dir).resolve(), Path(shard_dir).resolve()
     check_storage(config, run_dir)
     verify_shards(shard_dir, config.data.verify_checksums)
-    announce_resume(resume_point(run_dir, config), echo)
+    announce_resume(resume_point(run_dir, config), config.train.max_steps, echo)
     with ray_connection(config), forward_signals(run_dir), training_progress(run_dir, config.train.max_steps, echo):
         return _fit(config, shard_dir, run_dir)
 
 
-def announce_resume(point: tuple[Path, dict, dict] | None, echo: Callable[[str], None]) -> None:
+def announce_resume(point: tuple[Path, dict, dict] | None, max_steps: int, echo: Callable[[str], None]) -> None:
     """The checkpoint a run resumes from and the config changes it allows (refused ones raised already)."""
     if point is None:
         return
@@ -84,6 +84,8 @@ def announce_resume(point: tuple[Path, dict, dict] | None, echo: Callable[[str],
     echo(f"resumed from {path} (step {state['step']}, {state['tokens_seen']:,} tokens)")
     for key, (old, new) in changes.items():
         echo(f"resume: {key} changed from {old!r} to {new!r}")
+    if state["step"] >= max_steps:
+        echo(nothing_left_message(state["step"], max_steps))
 
 
 def _fit(config: Config, shard_dir: Path, run_dir: Path) -> TrainResult:

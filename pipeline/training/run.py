@@ -3,7 +3,7 @@ and what training returns (`TrainResult`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,9 @@ class Run:
     val_loss: float | None = None
     last_checkpoint: Path | None = None
     stopping: bool = False
+    # The optimizer settings as the optimizer holds them after the last checkpoint load
+    # (pipeline/training/engine.py: apply_hyperparameters).
+    applied_hyperparameters: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens_per_step(self) -> int:
