@@ -94,7 +94,7 @@ def bare_loop(config, shard_dir: Path):
 def stage_loop(config, shard_dir: Path, run_dir: Path):
     """The same, through the train stage's own loop; yields (the tokens/s it reports, wall-clock
     tokens/s of the whole round, which includes the checkpoint the stage always writes at the end)."""
-    run, callbacks = setup(config, run_dir, shard_dir, shards_verified=False)
+    run, callbacks = setup(config, run_dir, shard_dir, driver_verified=False)
     steps = yield
     while True:
         run.config.train.max_steps = run.step + steps

@@ -14,7 +14,8 @@ from pathlib import Path
 from launch import console
 from launch.slurm.commands import add_slurm_commands
 from pipeline.config import config_reference_markdown, dump_config, load_config
-from pipeline.errors import UserError
+from pipeline.errors import RunStopped, UserError
+from pipeline.run.guard import writable_run_dir
 from pipeline.run.rundir import (
     CONFIG_FILE,
     EVAL_DIR,
@@ -92,7 +93,8 @@ def _run(config, **stages) -> dict:
     """The pipeline, with the library log in the run's logs/driver.log."""
     from pipeline.run.orchestrate import run_pipeline
 
-    console.log_to(run_dir_of(absolute_paths(config)) / LOGS_DIR / "driver.log")
+    run_dir = writable_run_dir(run_dir_of(absolute_paths(config)))  # a read-only workdir: one line, nothing written
+    console.log_to(run_dir / LOGS_DIR / "driver.log")
     return run_pipeline(config, **stages)
 
 
@@ -300,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report_error(exc: Exception) -> int:
+    if isinstance(exc, RunStopped) and exc.interrupted:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     if isinstance(exc, UserError):
         print(f"error: {exc}", file=sys.stderr)
         return 2

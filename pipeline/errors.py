@@ -33,6 +33,10 @@ class StorageError(UserError):
     """The run directory cannot hold the run: unwritable, too little free space, or a write failed."""
 
 
+class RunBusy(UserError):
+    """Another process holds the run directory's lock: one run per run directory."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot or must not be loaded (missing, incomplete, or pickling code)."""
 
@@ -65,8 +69,7 @@ class StageFailed(UserError):
 class RunStopped(UserError):
     """Training stopped on request (SIGTERM) after writing a checkpoint; later stages did not run."""
 
-    def __init__(self, run_dir: object, step: int) -> None:
-        super().__init__(
-            f"run stopped on request at step {step} after a checkpoint; continue it with `pretrain resume {run_dir}`"
-        )
-        self.step = step
+    def __init__(self, run_dir: object, step: int, interrupted: bool = False) -> None:
+        why = "interrupted (Ctrl-C)" if interrupted else "stopped on request"
+        super().__init__(f"run {why} at step {step} after a checkpoint; continue it with `pretrain resume {run_dir}`")
+        self.step, self.interrupted = step, interrupted

@@ -12,7 +12,7 @@ names below are the package's public interface.
 """
 
 from pipeline.config.io import dump_config, load_config
-from pipeline.config.overrides import apply_override, flatten, lookup, parse_override, to_plain
+from pipeline.config.overrides import apply_override, config_changes, flatten, lookup, parse_override, to_plain
 from pipeline.config.reference import config_reference_markdown
 from pipeline.config.schema import Config
 from pipeline.config.sections import (
@@ -41,6 +41,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "apply_override",
+    "config_changes",
     "config_reference_markdown",
     "dump_config",
     "flatten",

@@ -155,3 +155,11 @@ def yaml_value(text: str, what: str) -> Any:
     except RecursionError:
         problem = "nested too deeply"
     raise ConfigError(f"{what} not valid YAML ({problem})")
+
+
+def config_changes(saved: dict[str, Any], config: Config) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, new value)} for every leaf that differs."""
+    old, new = flatten(saved), flatten(config.model_dump(mode="json"))
+    return {
+        key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)
+    }

@@ -278,6 +278,11 @@ class TrainConfig(Section):
         500, ge=0, description="Checkpoint every N steps (and always at the end); 0 checkpoints only at the end."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    verify_checkpoints: bool = Field(
+        True,
+        description="Check every file's sha256 against the checkpoint's checksums.json before a resume or a "
+        "rollback (sizes are always checked); a damaged checkpoint is skipped for the newest intact one.",
+    )
     profile_at_step: int | None = Field(
         None,
         gt=0,

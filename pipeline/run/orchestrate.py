@@ -27,8 +27,10 @@ from pathlib import Path
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, RunStopped, StageFailed, UserError
 from pipeline.run.artifacts import StageResult, read_manifest
+from pipeline.run.guard import run_lock, writable_run_dir
 from pipeline.run.rundir import (
     CONFIG_FILE,
+    CONFIG_HISTORY_FILE,
     DEEPSPEED_CONFIG_FILE,
     EVAL_DIR,
     LOSS_CURVE_FILE,
@@ -40,10 +42,11 @@ from pipeline.run.rundir import (
     absolute_paths,
     config_path,
     prepare_run_dir,
+    run_dir_of,
     save_traceback,
 )
 from pipeline.run.runtime import ray_connection, remote_cause
-from pipeline.training.checkpoint import checkpoints_dir, write_checkpoint_manifest
+from pipeline.training.checkpoint import checkpoints_dir, resume_point, select_intact, write_checkpoint_manifest
 
 
 @dataclass
@@ -57,6 +60,7 @@ class StageOutput:
     reused: bool = False
     step: int = 0
     stopped: bool = False
+    interrupted: bool = False
 
 
 def select_stages(only: str | None = None, from_stage: str | None = None, until: str | None = None) -> list[str]:
@@ -82,18 +86,36 @@ def run_pipeline(
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Run the selected stages in order; returns {stage: figures}. Raises StageFailed naming the stage."""
-    from pipeline.tracking.local import environment_tags
     from pipeline.tracking.store import open_tracker
 
     stages = select_stages(only, from_stage, until)
     config = absolute_paths(config)
-    run_dir = prepare_run_dir(config)
-    state = RunState.load(run_dir)
-    tracker = open_tracker(config, run_dir)
+    with run_lock(writable_run_dir(run_dir_of(config))):
+        select_intact(run_dir_of(config), config.train.verify_checkpoints, echo)  # damaged ones skipped
+        resume_point(run_dir_of(config), config)  # a refused change is refused before anything is written
+        run_dir, changes = prepare_run_dir(config)
+        tracker = open_tracker(config, run_dir)
+        record_config(tracker, config, run_dir, changes)
+        echo(f"run {config.run.name}: {run_dir} (stages: {', '.join(stages)})")
+        return _run_stages(stages, config, run_dir, tracker, echo)
+
+
+def record_config(tracker, config: Config, run_dir: Path, changes: dict) -> None:
+    """The config as MLflow params (those of the first attempt: MLflow keeps a param's first value),
+    and what later attempts changed: the keys' current values as `config.<key>` tags and the
+    config_history.json table."""
+    from pipeline.tracking.local import environment_tags
+
     tracker.log_params(config.model_dump(mode="json"))
     tracker.set_tags(environment_tags(config))
     tracker.log_artifact(run_dir / CONFIG_FILE)
-    echo(f"run {config.run.name}: {run_dir} (stages: {', '.join(stages)})")
+    if changes:
+        tracker.set_tags({f"config.{key}": new for key, (_, new) in changes.items()})
+        tracker.log_artifact(run_dir / CONFIG_HISTORY_FILE)
+
+
+def _run_stages(stages: list[str], config: Config, run_dir: Path, tracker, echo: Callable[[str], None]) -> dict:
+    state = RunState.load(run_dir)
     results, status = {}, "FAILED"
     try:
         with ray_connection(config), checkpoint_requests_outside_training(echo):
@@ -102,7 +124,7 @@ def run_pipeline(
                 results[stage] = output.figures
                 if output.stopped:
                     status = "KILLED"
-                    raise RunStopped(run_dir, output.step)
+                    raise RunStopped(run_dir, output.step, output.interrupted)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -188,7 +210,13 @@ def _train(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutp
         result = run_training(config, shard_dir, run_dir)
     tracker.log_artifact(run_dir / DEEPSPEED_CONFIG_FILE)
     tracker.log_artifact(write_checkpoint_manifest(run_dir), "checkpoints")
-    return StageOutput(checkpoints_dir(run_dir), result.figures, step=result.steps, stopped=result.stopped)
+    return StageOutput(
+        checkpoints_dir(run_dir),
+        result.figures,
+        step=result.steps,
+        stopped=result.stopped,
+        interrupted=result.interrupted,
+    )
 
 
 def _eval(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutput:

@@ -2,6 +2,8 @@
 
     <workdir>/runs/<name>/
         config.yaml               the config as the user gave it (derived values recomputed on load)
+        config_history.json       what each later attempt (resume, rerun) changed in config.yaml
+        run.lock                  flock of the process running the run, with its PID and host
         run.json                  per stage: status, output path, reused, fingerprint, figures, seconds
         logs/                     tracebacks of failed stages and ranks, library output
         deepspeed_config.json     the exact JSON DeepSpeed got
@@ -22,14 +24,17 @@ import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import Config, dump_config
+from pipeline.config import Config, config_changes, dump_config, load_config
 from pipeline.errors import ConfigError
 from pipeline.run.artifacts import atomic_write_json, atomic_write_text
 
 STAGES = ("tokenizer", "shard", "train", "eval")
 
 CONFIG_FILE = "config.yaml"
+CONFIG_HISTORY_FILE = "config_history.json"  # every change of config.yaml between attempts of the run
+LOCK_FILE = "run.lock"  # flock held by the process running the run (pipeline/run/guard.py)
 RUN_STATE_FILE = "run.json"
 LOGS_DIR = "logs"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
@@ -67,12 +72,27 @@ def absolute_paths(config: Config) -> Config:
     return config
 
 
-def prepare_run_dir(config: Config) -> Path:
-    """Create the run directory and write the config (atomically; kept across resumes for comparison)."""
+def prepare_run_dir(config: Config) -> tuple[Path, dict[str, tuple[Any, Any]]]:
+    """Create the run directory and write the config atomically. Returns the changes against the
+    config.yaml an earlier attempt of the run wrote ({} for a new run), and appends them, when there
+    are any, to config_history.json (time and {key: [old, new]} per attempt)."""
     run_dir = run_dir_of(config)
     (run_dir / LOGS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
-    return run_dir
+    previous = run_dir / CONFIG_FILE
+    try:
+        changes = config_changes(load_config(previous).model_dump(mode="json"), config) if previous.is_file() else {}
+    except ConfigError:  # written by an older version of the schema: nothing to compare with
+        changes = {}
+    if changes:
+        history = config_history(run_dir) + [{"time": _now(), "changes": {k: list(v) for k, v in changes.items()}}]
+        atomic_write_json(run_dir / CONFIG_HISTORY_FILE, history)
+    atomic_write_text(previous, dump_config(config))
+    return run_dir, changes
+
+
+def config_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / CONFIG_HISTORY_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
 def config_path(run_dir: Path) -> Path:

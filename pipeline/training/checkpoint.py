@@ -1,4 +1,4 @@
-"""The checkpoint manager: layout, discovery, saving, retention, storage checks and resume.
+"""The checkpoint manager: layout, discovery, saving, verification, retention and resume.
 
     <run_dir>/checkpoints/
         latest                    the tag of the newest complete checkpoint, replaced atomically
@@ -8,7 +8,8 @@
             trainer_state.json    step, tokens seen, loader state, world size, MLflow run id,
                                   config fingerprint and the resolved config it was saved with
             rng/rank-00000.pt     per-rank torch / numpy / python RNG states (pipeline/training/rng.py)
-            COMPLETE              written by rank 0 after every rank finished (a barrier)
+            checksums.json        size and sha256 of every file above, written by rank 0 after a barrier
+            COMPLETE              written by rank 0 last, once every rank's files are durable
 
 A directory without COMPLETE is a checkpoint cut off by a crash: resume ignores it and the next save
 removes it. Discovery and the resume checks import no torch: the CLI and the Slurm job helpers read
@@ -22,10 +23,12 @@ state); ZeRO 1-3 partitions of another world size load through DeepSpeed's unive
 converted by rank 0 next to the checkpoint and deleted after. Ranks that did not exist when the
 checkpoint was saved start from the seeded RNG state.
 
-Storage. Before training, `check_storage` refuses a run directory that is not writable or lacks the
-free space for the checkpoints the run will hold at once. A save that fails anyway (the disk filled
-up meanwhile) raises StorageError naming the checkpoint directory; `latest` still names the previous
-checkpoint, which stays intact, and the partial directory is removed.
+Verification. A checkpoint is chosen for a resume or a rollback only after its files match
+checksums.json: sizes always, sha256 unless train.verify_checkpoints is false. A damaged one (flipped
+bytes, a truncated or missing file, no COMPLETE) is reported in one line, moved aside to
+`step-N.damaged` and skipped for the newest intact one, which `latest` then names.
+
+Storage checks and write failures: pipeline/training/storage.py.
 """
 
 from __future__ import annotations
@@ -34,17 +37,17 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
-import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config, flatten, lookup
-from pipeline.errors import CheckpointError, ConfigError, StorageError
+from pipeline.config import Config, config_changes, lookup
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.run.artifacts import atomic_write_json, atomic_write_text
+from pipeline.run.guard import run_is_held
 from pipeline.run.rundir import CHECKPOINTS_DIR
+from pipeline.training.storage import failed_writes_reported
 
 if TYPE_CHECKING:
     from pipeline.training.run import Run
@@ -53,6 +56,9 @@ LATEST = "latest"
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_MANIFEST = "manifest.json"
+CHECKSUMS = "checksums.json"
+DAMAGED_SUFFIX = ".damaged"
+_HASH_CHUNK = 1 << 22
 _TAG = re.compile(r"^step-(\d{8})$")
 
 
@@ -75,14 +81,15 @@ def latest_pointer(run_dir: Path) -> str | None:
 
 
 def latest_tag(run_dir: Path) -> str | None:
-    """The tag `latest` points at, when that checkpoint is complete; None for a fresh run."""
+    """The tag `latest` points at, when that checkpoint is complete; None for a fresh run. A pointer to
+    an incomplete checkpoint was damaged after the fact: `select_intact` moves it to an intact one."""
     tag = latest_pointer(run_dir)
     if tag is None:
         return None
     if not is_complete(checkpoints_dir(run_dir) / tag):
         raise CheckpointError(
-            f"{checkpoints_dir(run_dir) / LATEST} names {tag!r}, which is not a complete "
-            "checkpoint; point it at a complete step-* directory or delete it to start over"
+            f"{checkpoints_dir(run_dir) / LATEST} names {tag!r}, which is not a complete checkpoint; "
+            "rerun the command: the run resumes from the newest intact checkpoint"
         )
     return tag
 
@@ -111,6 +118,86 @@ def resolve_checkpoint(run_dir: Path, tag: str | None = None) -> Path:
         available = [p.name for p in complete_checkpoints(run_dir)]
         raise CheckpointError(f"{root / tag}: not a complete checkpoint; pick one of {available or 'none'}")
     return root / tag
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def file_digests(path: Path) -> dict[str, dict[str, Any]]:
+    """{relative file name: {"bytes", "sha256"}} of every file of a checkpoint but the markers."""
+    digests = {}
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name not in (COMPLETE, CHECKSUMS)):
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+        digests[str(file.relative_to(path))] = {"bytes": file.stat().st_size, "sha256": digest.hexdigest()}
+    return digests
+
+
+def damage(path: Path, check_hashes: bool) -> str | None:
+    """Why the checkpoint at path cannot be trusted, or None: COMPLETE missing, a file missing or of
+    another size than checksums.json says, or (check_hashes) another sha256."""
+    if not is_complete(path):
+        return f"{COMPLETE} is missing"
+    if not (path / CHECKSUMS).is_file():
+        return None  # written before checkpoints carried checksums: nothing to check against
+    expected = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))["files"]
+    for name, want in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != want["bytes"]:
+            return f"{name} has {file.stat().st_size:,} bytes, not {want['bytes']:,}"
+    if check_hashes:
+        actual = file_digests(path)
+        for name, want in expected.items():
+            if actual[name]["sha256"] != want["sha256"]:
+                return f"{name} fails its sha256 check"
+    return None
+
+
+def select_intact(run_dir: Path, check_hashes: bool, echo: Callable[[str], None] = print) -> str | None:
+    """The newest intact checkpoint at or before `latest` (one process calls this before a resume).
+    Each damaged one on the way is reported in one line and moved aside to `step-N.damaged`; `latest`
+    then names the intact one. None when there is no checkpoint; CheckpointError when none is intact."""
+    pointer = latest_pointer(run_dir)
+    candidates = [p for p in reversed(tag_dirs(run_dir)) if pointer is None or p.name <= pointer]
+    if pointer is None:
+        candidates = [p for p in candidates if is_complete(p)]
+    skipped = []
+    for path in candidates:
+        problem = damage(path, check_hashes)
+        if problem is None:
+            if path.name != pointer:
+                atomic_write_text(checkpoints_dir(run_dir) / LATEST, path.name + "\n")
+            return path.name
+        aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+        skipped.append(f"{path.name} ({problem})")
+        echo(f"checkpoint {path} is damaged ({problem}): moved aside to {aside.name}; trying the one before")
+    if skipped:
+        raise CheckpointError(
+            f"no intact checkpoint in {checkpoints_dir(run_dir)}: {'; '.join(skipped)} (moved aside as "
+            f"*{DAMAGED_SUFFIX}); restore the files from a copy, or rerun to start the run from step 0"
+        )
+    return None
+
+
+def fall_back_from(run_dir: Path, tag: str, reason: str, check_hashes: bool) -> str | None:
+    """Move checkpoint `tag` aside (it is suspected: `reason`) for the newest intact one before it, which
+    `latest` then names; None, with nothing changed, when there is none."""
+    older = [p for p in complete_checkpoints(run_dir) if p.name < tag and damage(p, check_hashes) is None]
+    if not older:
+        return None
+    path = checkpoints_dir(run_dir) / tag
+    shutil.rmtree(path.with_name(tag + DAMAGED_SUFFIX), ignore_errors=True)
+    path.rename(path.with_name(tag + DAMAGED_SUFFIX))
+    atomic_write_text(checkpoints_dir(run_dir) / LATEST, older[-1].name + "\n")
+    print(f"checkpoint {path} is suspected ({reason}): moved aside to {tag}{DAMAGED_SUFFIX}", flush=True)
+    return older[-1].name
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
@@ -168,14 +255,6 @@ def fingerprint(config: Config) -> str:
     return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()
 
 
-def config_changes(saved: dict[str, Any], config: Config) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (saved value, new value)} for every leaf that differs."""
-    old, new = flatten(saved), flatten(config.model_dump(mode="json"))
-    return {
-        key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)
-    }
-
-
 def check_resumable(changes: dict[str, tuple[Any, Any]], checkpoint: Path) -> None:
     """Refuse changes of FROZEN_KEYS with a message naming the first such key."""
     for key, (old, new) in changes.items():
@@ -222,81 +301,26 @@ def save(
     from pipeline.training.rng import save_rng_state  # torch: only where a rank saves
 
     root, tag = checkpoints_dir(run_dir), tag_for(step)
-    path = root / tag
-    with _failed_writes_reported(run_dir, path, rank):
+    path, latest = root / tag, latest_pointer(run_dir)
+    if rank == 0 and path.exists() and tag != latest:  # left by a run that later fell back before it
+        shutil.rmtree(path)
+    barrier()
+    with failed_writes_reported(path, latest, rank):
         save_engine(root, tag)
         save_rng_state(path, rank)
         if rank == 0:
             atomic_write_text(path / TRAINER_STATE, json.dumps(trainer_state, indent=1) + "\n")
     barrier()
     if rank == 0:
-        with _failed_writes_reported(run_dir, path, rank):
+        with failed_writes_reported(path, latest, rank):
+            started = time.perf_counter()
+            files = file_digests(path)
+            checksums = {"files": files, "hash_seconds": round(time.perf_counter() - started, 3)}
+            atomic_write_json(path / CHECKSUMS, checksums)
             atomic_write_text(path / COMPLETE, "")
             atomic_write_text(root / LATEST, tag + "\n")
         prune(run_dir, keep)
     return path
-
-
-@contextmanager
-def _failed_writes_reported(run_dir: Path, path: Path, rank: int) -> Iterator[None]:
-    """A failed write becomes a StorageError that names the checkpoint and what is kept; rank 0 removes
-    the partial directory (unless `latest` already names it: then only the cleanup after it failed)."""
-    try:
-        yield
-    except (OSError, RuntimeError) as exc:
-        if not _is_write_failure(exc):
-            raise
-        latest = latest_pointer(run_dir)
-        if rank == 0 and latest != path.name:
-            shutil.rmtree(path, ignore_errors=True)
-        kept = f"the last good checkpoint {latest} is kept as `latest`" if latest else "there is no earlier checkpoint"
-        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise StorageError(
-            f"writing checkpoint {path} failed ({reason}; {_free_bytes(path.parent):,} bytes free "
-            f"there); {kept}. Free space or lower train.keep_checkpoints, then run again to "
-            "resume"
-        ) from exc
-
-
-def _is_write_failure(exc: BaseException) -> bool:
-    """An OSError, or a RuntimeError raised inside torch.save: it reports a full disk from its C++ writer
-    ("unexpected pos", "iostream error", ...), not as an OSError. Collective errors stay what they are."""
-    if isinstance(exc, OSError):
-        return True
-    return any(
-        Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
-        for frame, _ in traceback.walk_tb(exc.__traceback__)
-    )
-
-
-def _free_bytes(directory: Path) -> int:
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    return shutil.disk_usage(directory).free
-
-
-def check_storage(run_dir: Path, checkpoint_bytes: int, keep: int) -> None:
-    """Before training: the checkpoints directory is writable and its filesystem has room for what the
-    run will hold at once: `keep` checkpoints plus the one being written (existing complete ones
-    count as already written)."""
-    root = checkpoints_dir(run_dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):
-            pass
-    except OSError as exc:
-        raise StorageError(
-            f"{root} is not writable ({exc.strerror or exc}); make it writable or set run.workdir "
-            "to a writable directory"
-        ) from None
-    existing = len(complete_checkpoints(run_dir))
-    needed, free = checkpoint_bytes * (keep + 1 - min(existing, keep)), shutil.disk_usage(root).free
-    if needed > free:
-        raise StorageError(
-            f"{root} has {free:,} bytes free but this run needs about {needed:,} for its "
-            f"checkpoints ({keep} kept + 1 being written, ~{checkpoint_bytes:,} bytes each); free "
-            "space, lower train.keep_checkpoints, or set run.workdir on a larger filesystem"
-        )
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -326,11 +350,20 @@ def remove_partial(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(run: Run) -> None:
     """Every rank calls this (DeepSpeed writes each rank's shard; a rank that skipped would hang the rest)."""
+    import torch
     import torch.distributed as dist
 
     from pipeline.tracking.journal import mlflow_run_id
     from pipeline.training import engine
 
+    # A rank whose driver died (SIGKILL) lives on for a moment: it must not write a checkpoint then.
+    held = torch.tensor(int(run_is_held(run.run_dir)), device=run.device)
+    dist.all_reduce(held, op=dist.ReduceOp.MIN)  # every rank decides the same
+    if not held.item():
+        raise CheckpointError(
+            f"the process running {run.run_dir} is gone (its lock is free): this orphaned rank stops without "
+            "writing a checkpoint; `pretrain resume RUN_DIR` continues from the last one"
+        )
     run.last_checkpoint = save(
         run.run_dir,
         run.step,

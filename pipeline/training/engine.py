@@ -323,11 +323,11 @@ def verify_checkpoint(tag_dir: Path) -> None:
         except Exception as exc:  # not a torch zip file at all: DeepSpeed would unpickle it blindly
             raise CheckpointError(
                 f"refusing to load {path}: it is not a readable torch checkpoint ({exc}); "
-                "delete this checkpoint directory to resume from an older one"
+                "rename this checkpoint directory (e.g. to step-N.damaged) to resume from an older one"
             ) from None
         if unsafe:
             raise CheckpointError(
                 f"refusing to load {path}: it pickles {', '.join(sorted(unsafe))}, which "
                 "checkpoints of this pipeline never contain (a tampered or foreign file); "
-                "delete this checkpoint directory to resume from an older one"
+                "rename this checkpoint directory (e.g. to step-N.damaged) to resume from an older one"
             )

@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError
 from pipeline.run.artifacts import atomic_write_json
 from pipeline.run.rundir import CONFIG_FILE, DEEPSPEED_CONFIG_FILE
 from pipeline.tracking.journal import training_sink
-from pipeline.training import checkpoint, engine
+from pipeline.training import checkpoint, engine, storage
 from pipeline.training.callbacks import default_callbacks
 from pipeline.training.checkpoint import resume
 from pipeline.training.ds_config import deepspeed_config
@@ -44,19 +44,19 @@ from pipeline.training.plan import checkpoint_bytes
 from pipeline.training.run import Callback, Run, StepOutcome, TrainResult
 
 
-def train_worker(run_dir: Path, shard_dir: Path, *, shards_verified: bool = False) -> TrainResult:
+def train_worker(run_dir: Path, shard_dir: Path, *, driver_verified: bool = False) -> TrainResult:
     """One rank's whole training, from the run directory's config.yaml."""
     run_dir, shard_dir = Path(run_dir), Path(shard_dir)
-    run, callbacks = setup(load_config(run_dir / CONFIG_FILE), run_dir, shard_dir, shards_verified=shards_verified)
+    run, callbacks = setup(load_config(run_dir / CONFIG_FILE), run_dir, shard_dir, driver_verified=driver_verified)
     try:
         return train(run, callbacks)
     finally:
         run.sink.close()
 
 
-def setup(config: Config, run_dir: Path, shard_dir: Path, *, shards_verified: bool) -> tuple[Run, list[Callback]]:
+def setup(config: Config, run_dir: Path, shard_dir: Path, *, driver_verified: bool) -> tuple[Run, list[Callback]]:
     """Process group, data check, resume checks, data, model, DeepSpeed engine; then load `latest` if any.
-    `shards_verified`: the driver already checked the shards; otherwise rank 0 does, the others wait."""
+    `driver_verified`: the driver already checked the shards; otherwise rank 0 does, the others wait."""
     device = engine.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if world_size != config.data_parallel_size:
@@ -66,9 +66,10 @@ def setup(config: Config, run_dir: Path, shard_dir: Path, *, shards_verified: bo
         )
     dataset = TokenDataset(shard_dir, "train")  # every rank checks the sizes of what it maps: cheap
     check_vocab_fits(dataset, config.model.vocab_size)
-    if rank == 0:
+    if rank == 0:  # the driver verified checkpoint hashes already under Ray; sizes are cheap to check again
+        checkpoint.select_intact(run_dir, config.train.verify_checkpoints and not driver_verified)
         checkpoint.remove_partial(run_dir)
-        if not shards_verified:  # checksums and the tokenizer copy: once, not once per rank
+        if not driver_verified:  # checksums and the tokenizer copy: once, not once per rank
             verify_shards(shard_dir, config.data.verify_checksums)
     dist.barrier()
     check_storage(config, run_dir)
@@ -121,7 +122,8 @@ def check_storage(config: Config, run_dir: Path) -> None:
     """The run directory is writable and has room for the run's checkpoints (pipeline/training/plan.py's size)."""
     t = config.train
     size = checkpoint_bytes(count_parameters(config), t.precision, t.zero_stage)
-    checkpoint.check_storage(run_dir, size, t.keep_checkpoints)
+    existing = len(checkpoint.complete_checkpoints(run_dir))
+    storage.check_storage(checkpoint.checkpoints_dir(run_dir), size, t.keep_checkpoints, existing)
 
 
 def make_loader(

@@ -55,7 +55,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     run_dir, outcome = Path(loop_config["run_dir"]), loop_config["outcome"]
     rank = ray.train.get_context().get_world_rank()
     try:
-        result = train_worker(run_dir, Path(loop_config["shard_dir"]), shards_verified=True)
+        result = train_worker(run_dir, Path(loop_config["shard_dir"]), driver_verified=True)
     except UserError as exc:
         save_traceback(run_dir, f"train-rank{rank}", traceback.format_exc())
         ray.get(outcome.set_error.remote(exc))
@@ -72,8 +72,14 @@ def run_training(config: Config, shard_dir: Path, run_dir: Path, echo: Callable[
     check_storage(config, run_dir)
     verify_shards(shard_dir, config.data.verify_checksums)
     announce_resume(resume_point(run_dir, config), config.train.max_steps, echo)
-    with ray_connection(config), forward_signals(run_dir), training_progress(run_dir, config.train.max_steps, echo):
-        return _fit(config, shard_dir, run_dir)
+    with (
+        ray_connection(config),
+        forward_signals(run_dir, echo) as forwarded,
+        training_progress(run_dir, config.train.max_steps, echo),
+    ):
+        result = _fit(config, shard_dir, run_dir)
+    result.interrupted = forwarded.interrupted
+    return result
 
 
 def announce_resume(point: tuple[Path, dict, dict] | None, max_steps: int, echo: Callable[[str], None]) -> None:

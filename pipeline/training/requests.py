@@ -1,5 +1,5 @@
-"""Checkpoint requests: SIGUSR1 asks for a checkpoint at the next step boundary, SIGTERM for a
-checkpoint and a clean stop.
+"""Checkpoint requests: SIGUSR1 asks for a checkpoint at the next step boundary, SIGTERM and the first
+SIGINT (Ctrl-C) for a checkpoint and a clean stop; a second SIGINT stops at once.
 
 A rank installs the handlers itself when it runs in the main thread (torchrun). Ray runs the training
 function outside the main thread, where no handler can be installed, so the driver forwards the same
@@ -33,11 +33,13 @@ class CheckpointRequests:
         self.path, self.rank, self.flag = Path(run_dir) / REQUEST_FILE, rank, NO_REQUEST
         self.previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGUSR1, signal.SIGTERM):
+            for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
                 self.previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame) -> None:
-        self.flag = max(self.flag, CHECKPOINT_AND_STOP if signum == signal.SIGTERM else CHECKPOINT)
+        if signum == signal.SIGINT and self.flag == CHECKPOINT_AND_STOP:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (`latest` names the last complete checkpoint)
+        self.flag = max(self.flag, CHECKPOINT if signum == signal.SIGUSR1 else CHECKPOINT_AND_STOP)
 
     def agreed(self, device: torch.device) -> int:
         """The strongest request of any rank (one small all-reduce); clears it."""
@@ -55,19 +57,35 @@ class CheckpointRequests:
             signal.signal(signum, handler)
 
 
+class Forwarded:
+    """What the driver forwarded: `interrupted` once a Ctrl-C (SIGINT) asked for a checkpoint and a stop."""
+
+    interrupted: bool = False
+
+
 @contextmanager
-def forward_signals(run_dir: Path) -> Iterator[None]:
-    """While workers train, SIGUSR1/SIGTERM to this driver become a checkpoint request file."""
+def forward_signals(run_dir: Path, echo=print) -> Iterator[Forwarded]:
+    """While workers train, SIGUSR1/SIGTERM to this driver become a checkpoint request file. The first
+    SIGINT (Ctrl-C) does what SIGTERM does, a checkpoint at the next step boundary and a stop; a second
+    one stops at once (KeyboardInterrupt; `latest` still names the last complete checkpoint)."""
+    forwarded = Forwarded()
 
     def forward(signum, frame):
-        atomic_write_text(Path(run_dir) / REQUEST_FILE, _STOP_WORD if signum == signal.SIGTERM else "checkpoint")
+        if signum == signal.SIGINT:
+            if forwarded.interrupted:
+                raise KeyboardInterrupt
+            forwarded.interrupted = True
+            echo("interrupt: writing a checkpoint at the next step boundary, then stopping (Ctrl-C again: stop now)")
+        stop = signum in (signal.SIGTERM, signal.SIGINT)
+        atomic_write_text(Path(run_dir) / REQUEST_FILE, _STOP_WORD if stop else "checkpoint")
 
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield forwarded
         return
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGUSR1, signal.SIGTERM)}
+    signals = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.signal(signum, forward) for signum in signals}
     try:
-        yield
+        yield forwarded
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

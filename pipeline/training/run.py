@@ -37,6 +37,7 @@ class TrainResult:
     stopped: bool
     steps: int
     checkpoint: str | None
+    interrupted: bool = False  # the stop was asked by Ctrl-C (the driver's SIGINT)
 
     def to_dict(self) -> dict[str, Any]:
         return {"figures": self.figures, "stopped": self.stopped, "steps": self.steps, "checkpoint": self.checkpoint}

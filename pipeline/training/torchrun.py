@@ -13,12 +13,14 @@ import json
 import os
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch.distributed as dist
 
 from pipeline.errors import UserError
 from pipeline.run.artifacts import atomic_write_text
+from pipeline.run.guard import run_lock
 from pipeline.run.rundir import TRAIN_RESULT_FILE, save_traceback
 from pipeline.training.loop import train_worker
 from pipeline.training.run import TrainResult
@@ -41,10 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", required=True, help="shard directory (holding index.json)")
     args = parser.parse_args(argv)
     run_dir, code = Path(args.run_dir), 0
+    rank = int(os.environ.get("RANK", 0))
     try:
-        train_and_record(run_dir, Path(args.shards))
+        with run_lock(run_dir) if rank == 0 else nullcontext():  # one run per run directory, as the driver
+            train_and_record(run_dir, Path(args.shards))
     except UserError as exc:
-        rank = int(os.environ.get("RANK", 0))
         save_traceback(run_dir, f"train-rank{rank}", traceback.format_exc())
         print(f"error: {exc}", file=sys.stderr)
         code = 2

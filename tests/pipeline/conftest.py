@@ -62,7 +62,7 @@ def train_tiny_run(arch: str, shard_dir: Path, workdir: Path):
         "train.eval_every=0",
         "train.zero_stage=2",
     )
-    run_dir = prepare_run_dir(config)
+    run_dir, _ = prepare_run_dir(config)
     run_training(config, shard_dir, run_dir)
     return config, run_dir
 

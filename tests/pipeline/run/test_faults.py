@@ -36,7 +36,7 @@ from pipeline.data.shards import file_sha256, verify_shards
 from pipeline.errors import CheckpointError, DataError, StorageError
 from pipeline.tracking.journal import read_metrics
 from pipeline.tracking.names import METRIC_TRAIN_LOSS
-from pipeline.training import checkpoint, rng
+from pipeline.training import checkpoint, rng, storage
 from tests.pipeline.training import test_train
 from tests.pipeline.training.test_train import (
     TINY,
@@ -350,19 +350,16 @@ def test_too_many_bad_steps_without_a_checkpoint_fail_clearly(poisoned, tmp_path
 
 
 def test_storage_check_names_directory_bytes_and_fix(tmp_path):
-    free = shutil.disk_usage(tmp_path).free
-    checkpoint.check_storage(tmp_path, checkpoint_bytes=free // 10, keep=2)  # 3 x 10% fits
+    free, root = shutil.disk_usage(tmp_path).free, checkpoint.checkpoints_dir(tmp_path)
+    storage.check_storage(root, checkpoint_bytes=free // 10, keep=2, existing=0)  # 3 x 10% fits
     with pytest.raises(StorageError) as error:
-        checkpoint.check_storage(tmp_path, checkpoint_bytes=free // 2, keep=2)
+        storage.check_storage(root, checkpoint_bytes=free // 2, keep=2, existing=0)
     message = str(error.value)
     assert message.startswith(f"{tmp_path / 'checkpoints'} has ") and "\n" not in message
     needed = int(message.split("needs about ")[1].split()[0].replace(",", ""))
     assert needed == 3 * (free // 2) and "lower train.keep_checkpoints" in message
     # Complete checkpoints already on disk count as written: two kept, one more to write.
-    for step in (1, 2):
-        (checkpoint.checkpoints_dir(tmp_path) / checkpoint.tag_for(step)).mkdir()
-        (checkpoint.checkpoints_dir(tmp_path) / checkpoint.tag_for(step) / checkpoint.COMPLETE).touch()
-    checkpoint.check_storage(tmp_path, checkpoint_bytes=free // 2, keep=2)
+    storage.check_storage(root, checkpoint_bytes=free // 2, keep=2, existing=2)
 
 
 def test_unwritable_run_dir_is_refused_before_ray_starts(tiny_shard_dir, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -240,3 +241,75 @@ def test_sigusr1_outside_training_is_reported_not_fatal():
         time.sleep(0.1)  # the handler runs between bytecodes of the main thread
     assert said == ["SIGUSR1 outside training: no checkpoint to write, continuing"]
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def wait_for_training(process: subprocess.Popen, run_dir: Path, log: Path) -> None:
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and "train/loss" in metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def test_one_run_per_directory_and_ctrl_c_checkpoints_then_a_refused_resume_writes_nothing(two_runs, tmp_path):
+    """What a user does: start a run, start it again by mistake (refused at once, naming the holder),
+    press Ctrl-C (a checkpoint, then status 130 and how to continue), resume with a change that is
+    refused (config.yaml stays byte-identical), then with an allowed one (recorded and applied)."""
+    workdir, _, _ = two_runs
+    run_dir = workdir / "runs" / "interrupted"
+    args = ("run", PRESET, f"run.workdir={workdir}", "run.name=interrupted", *TINY, "train.max_steps=400")
+    process = start_pretrain(*args, "train.checkpoint_every=1000", log=tmp_path / "run.log")
+    wait_for_training(process, run_dir, tmp_path / "run.log")
+
+    second = pretrain(*args, timeout=120)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"error: {run_dir} is in use by pid {process.pid} on {socket.gethostname()}, which is running this run; "
+        "wait for it to end or stop it (a run directory holds one run at a time; use another run.name for a "
+        "second run)"
+    ]
+
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 130
+    log = (tmp_path / "run.log").read_text()
+    assert "interrupt: writing a checkpoint at the next step boundary" in log
+    assert "interrupted: run interrupted (Ctrl-C) at step" in log and f"`pretrain resume {run_dir}`" in log
+    assert "Traceback" not in log
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    assert 0 < stopped_at < 400
+    assert mlflow_run(workdir, run_dir)[1].info.status == "KILLED"
+
+    config_before = (run_dir / "config.yaml").read_bytes()
+    refused = pretrain("resume", str(run_dir), "model.d_model=32", "train.max_steps=100")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: model.d_model: ")
+    assert (run_dir / "config.yaml").read_bytes() == config_before
+    plain = pretrain("resume", str(run_dir), f"train.max_steps={stopped_at + 2}")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "train.max_steps=100" not in (run_dir / "config.yaml").read_text()
+    history = json.loads((run_dir / "config_history.json").read_text())
+    assert history[-1]["changes"] == {"train.max_steps": [400, stopped_at + 2]}
+    client, run = mlflow_run(workdir, run_dir)
+    assert run.info.status == "FINISHED" and run.data.tags["config.train.max_steps"] == str(stopped_at + 2)
+    assert "config_history.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_ranks_orphaned_by_a_killed_driver_write_no_checkpoint(two_runs, tmp_path):
+    workdir, _, _ = two_runs
+    run_dir = workdir / "runs" / "orphaned"
+    log = tmp_path / "run.log"
+    process = start_pretrain(
+        "run",
+        PRESET,
+        f"run.workdir={workdir}",
+        "run.name=orphaned",
+        *TINY,
+        "train.max_steps=400",
+        "train.checkpoint_every=1",
+        log=log,
+    )
+    wait_for_training(process, run_dir, log)
+    process.kill()
+    killed_at = time.time()
+    process.wait()
+    time.sleep(15)  # Ray notices the dead driver within seconds; its workers must not checkpoint meanwhile
+    late = [p.name for p in (run_dir / "checkpoints").glob("step-*") if p.stat().st_mtime > killed_at + 1]
+    assert not late, f"checkpoints written after the driver died: {late}"

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 
 import numpy as np
@@ -28,7 +30,11 @@ def save(run_dir, step, *, keep=2, rank=0, barrier=lambda: None):
 def test_layout_and_latest_pointer(tmp_path):
     path = save(tmp_path, 20)
     assert path == tmp_path / "checkpoints" / "step-00000020"
-    assert {p.name for p in path.iterdir()} == {"mp_rank_00_model_states.pt", "rng", "trainer_state.json", "COMPLETE"}
+    names = {p.name for p in path.iterdir()}
+    assert names == {"mp_rank_00_model_states.pt", "rng", "trainer_state.json", "checksums.json", "COMPLETE"}
+    files = json.loads((path / "checksums.json").read_text())["files"]
+    assert files["mp_rank_00_model_states.pt"] == {"bytes": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}
+    assert set(files) == {"mp_rank_00_model_states.pt", "rng/rank-00000.pt", "trainer_state.json"}
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000020\n"
     assert checkpoint.latest_tag(tmp_path) == "step-00000020"
     assert checkpoint.read_trainer_state(path) == {"step": 20}
@@ -43,7 +49,7 @@ def test_no_checkpoint_means_a_fresh_run(tmp_path):
 def test_only_rank_0_marks_complete_and_only_after_the_barrier(tmp_path):
     events = []
     save(tmp_path, 5, rank=1, barrier=lambda: events.append("barrier"))
-    assert events == ["barrier"]
+    assert events == ["barrier", "barrier"]  # before writing (rank 0 clears stale debris), and after
     assert not (tmp_path / "checkpoints" / "step-00000005" / "COMPLETE").exists()
     assert not (tmp_path / "checkpoints" / "latest").exists()
 
@@ -121,3 +127,76 @@ def test_fingerprint_covers_only_frozen_keys():
     base = checkpoint.fingerprint(load_config(None))
     assert checkpoint.fingerprint(load_config(None, ["train.max_steps=700"])) == base
     assert checkpoint.fingerprint(load_config(None, ["model.d_model=64"])) != base
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-verifying checkpoints: what a user's damage looks like, and what the next resume does
+
+
+def damage_flip(path):
+    data = bytearray((path / "mp_rank_00_model_states.pt").read_bytes())
+    data[2] ^= 0xFF
+    (path / "mp_rank_00_model_states.pt").write_bytes(bytes(data))
+
+
+def damage_truncate(path):
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"wei")
+
+
+def damage_complete(path):
+    (path / "COMPLETE").unlink()
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (damage_flip, "mp_rank_00_model_states.pt fails its sha256 check"),
+        (damage_truncate, "mp_rank_00_model_states.pt has 3 bytes, not 7"),
+        (damage_complete, "COMPLETE is missing"),
+    ],
+)
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, damage, reason):
+    for step in (10, 20):
+        save(tmp_path, step)
+    damage(tmp_path / "checkpoints" / "step-00000020")
+    said = []
+    assert checkpoint.select_intact(tmp_path, check_hashes=True, echo=said.append) == "step-00000010"
+    assert said == [
+        f"checkpoint {tmp_path / 'checkpoints' / 'step-00000020'} is damaged ({reason}): moved aside to "
+        "step-00000020.damaged; trying the one before"
+    ]
+    assert checkpoint.latest_tag(tmp_path) == "step-00000010"
+    assert (tmp_path / "checkpoints" / "step-00000020.damaged").is_dir()  # kept for a look, out of the way
+    assert checkpoint.select_intact(tmp_path, check_hashes=True, echo=said.append) == "step-00000010"
+    assert len(said) == 1
+    save(tmp_path, 20)  # training goes on and writes step 20 again; retention ignores the damaged copy
+    assert checkpoint.latest_tag(tmp_path) == "step-00000020"
+
+
+def test_sizes_are_checked_even_without_hashes_and_flips_only_with_them(tmp_path):
+    save(tmp_path, 10)
+    damage_flip(tmp_path / "checkpoints" / "step-00000010")
+    assert checkpoint.damage(tmp_path / "checkpoints" / "step-00000010", check_hashes=False) is None
+    damage_truncate(tmp_path / "checkpoints" / "step-00000010")
+    assert "has 3 bytes" in checkpoint.damage(tmp_path / "checkpoints" / "step-00000010", check_hashes=False)
+
+
+def test_no_intact_checkpoint_is_one_error_that_advises_nothing_that_loses_progress(tmp_path):
+    save(tmp_path, 10)
+    damage_flip(tmp_path / "checkpoints" / "step-00000010")
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.select_intact(tmp_path, check_hashes=True, echo=lambda line: None)
+    message = str(error.value)
+    assert "step-00000010 (mp_rank_00_model_states.pt fails its sha256 check)" in message and "\n" not in message
+    assert "delete" not in message
+    assert checkpoint.select_intact(tmp_path, check_hashes=True) is None  # the rerun starts from step 0
+
+
+def test_a_suspected_checkpoint_falls_back_to_the_one_before(tmp_path):
+    for step in (10, 20):
+        save(tmp_path, step)
+    assert checkpoint.fall_back_from(tmp_path, "step-00000010", "suspect", check_hashes=True) is None
+    assert checkpoint.latest_tag(tmp_path) == "step-00000020"  # nothing older: nothing changed
+    assert checkpoint.fall_back_from(tmp_path, "step-00000020", "suspect", check_hashes=True) == "step-00000010"
+    assert checkpoint.latest_tag(tmp_path) == "step-00000010"
+    assert (tmp_path / "checkpoints" / "step-00000020.damaged").is_dir()

@@ -106,3 +106,57 @@ def test_resuming_a_finished_run_says_there_is_nothing_left(resumed, tiny_shard_
     output = train_with_torchrun(copy, tiny_shard_dir, tmp_path / "tmp")
     assert "nothing left to train: the run finished step 18 of train.max_steps=18" in output
     assert json.loads((copy / "train_result.json").read_text())["steps"] == 18
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints, as a user damages them: the rerun goes on from the newest intact checkpoint
+
+
+def flip_model_byte(tag_dir: Path) -> None:
+    [states] = tag_dir.glob("*model_states.pt")
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    states.write_bytes(bytes(data))
+
+
+def truncate_optimizer_file(tag_dir: Path) -> None:
+    optim = sorted(tag_dir.glob("*optim_states.pt"))[0]
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])
+
+
+def delete_complete(tag_dir: Path) -> None:
+    (tag_dir / checkpoint.COMPLETE).unlink()
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_shard_dir, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """A ZeRO-2 run with checkpoints at steps 8 and 10, and the losses of steps 9-14 of that run resumed
+    from step 8 (its step-10 checkpoint moved aside by hand)."""
+    root = tmp_path_factory.mktemp("damaged")
+    run_dir = make_run_dir(root / "base", [*BASE, "train.checkpoint_every=4"])
+    train_with_torchrun(run_dir, tiny_shard_dir, root / "tmp")
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["step-00000008", "step-00000010"]
+    reference = root / "reference"
+    shutil.copytree(run_dir, reference)
+    (reference / "checkpoints" / "step-00000010").rename(reference / "checkpoints" / "aside")
+    (reference / "checkpoints" / "latest").write_text("step-00000008\n")
+    make_run_dir(reference, [*BASE, "train.checkpoint_every=4", "train.max_steps=14"])
+    train_with_torchrun(reference, tiny_shard_dir, root / "tmp")
+    return run_dir, {step: loss for step, loss in losses(reference).items() if step > 8}
+
+
+@pytest.mark.parametrize("damage", [flip_model_byte, truncate_optimizer_file, delete_complete])
+def test_a_damaged_checkpoint_is_skipped_and_the_run_finishes_as_if_resumed_from_the_one_before(
+    two_checkpoints, tiny_shard_dir, tmp_path, damage
+):
+    base, reference = two_checkpoints
+    run_dir = tmp_path / "run"
+    shutil.copytree(base, run_dir)
+    damage(run_dir / "checkpoints" / "step-00000010")
+    make_run_dir(run_dir, [*BASE, "train.checkpoint_every=4", "train.max_steps=14"])
+    output = train_with_torchrun(run_dir, tiny_shard_dir, tmp_path / "tmp")
+    assert f"checkpoint {run_dir / 'checkpoints' / 'step-00000010'} is damaged (" in output
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000008'} (step 8" in output
+    assert {step: loss for step, loss in losses(run_dir).items() if step > 8} == reference
+    assert checkpoint.latest_tag(run_dir) == "step-00000014"
+    assert (run_dir / "checkpoints" / "step-00000010.damaged").is_dir()
