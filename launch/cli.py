@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import shutil
 import sys
 import tempfile
 import traceback
@@ -14,7 +16,7 @@ from pathlib import Path
 from launch import console
 from launch.slurm.commands import add_slurm_commands
 from pipeline.config import config_reference_markdown, dump_config, load_config
-from pipeline.errors import RunStopped, UserError
+from pipeline.errors import RunStopped, StorageError, UserError
 from pipeline.run.guard import writable_run_dir
 from pipeline.run.rundir import (
     CONFIG_FILE,
@@ -305,6 +307,7 @@ def _report_error(exc: Exception) -> int:
     if isinstance(exc, RunStopped) and exc.interrupted:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
+    exc = storage_error(exc) or exc
     if isinstance(exc, UserError):
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -312,6 +315,20 @@ def _report_error(exc: Exception) -> int:
         traceback.print_exception(exc, file=log)
     print(f"error: {exc} (traceback: {log.name})", file=sys.stderr)
     return 1
+
+
+def storage_error(exc: Exception) -> StorageError | None:
+    """A full, read-only or unwritable filesystem met outside the checks that name it (the driver's own
+    records, the journal): the same one line as a StorageError, with the path and the fix."""
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        return None
+    path = Path(exc.filename or ".")
+    where = path if path.exists() else path.parent
+    free = shutil.disk_usage(where).free if where.exists() else 0
+    return StorageError(
+        f"writing {path} failed ({exc.strerror}; {free:,} bytes free there); free space or make it writable, or "
+        "set run.workdir to another filesystem, then rerun the command: runs resume from their last checkpoint"
+    )
 
 
 if __name__ == "__main__":

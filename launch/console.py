@@ -43,6 +43,9 @@ def setup() -> None:
         logger.setLevel(logging.INFO)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    # A log file that cannot be written (a full disk) must not print logging's own tracebacks on the
+    # console: the failure that matters reaches the user as one line.
+    logging.raiseExceptions = False
     logging.captureWarnings(True)  # library warnings (FutureWarning, ...) are log records: to the file
     warnings.simplefilter("default")
     log_to(Path(tempfile.gettempdir()) / "pretrain-logs" / f"pretrain-{os.getpid()}.log")

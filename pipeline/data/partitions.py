@@ -145,9 +145,22 @@ def _tail_pieces(path: str, permille: int, paragraph: bool) -> list[tuple[Piece,
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         tail = _tail_start(handle, size, permille, paragraph)
-    if tail in (0, size):  # one line: nothing to cut at
+        if tail in (0, size):  # one line: cut it by bytes, after a space (or between two characters)
+            tail = _byte_cut(handle, size - math.ceil(size * permille / 1000), size)
+    if tail in (0, size):  # too small to cut
         return [(Piece(path), "train", size)]
     return [(Piece(path, 0, tail), "train", tail), (Piece(path, tail), "val", size - tail)]
+
+
+def _byte_cut(handle, point: int, size: int, window: int = 1 << 16) -> int:
+    """The first offset at or after `point` that follows a space, or else starts a UTF-8 character."""
+    handle.seek(point)
+    data = handle.read(min(window, size - point))
+    space = data.find(b" ")
+    if space >= 0:
+        return point + space + 1
+    starts = [i for i, byte in enumerate(data) if byte & 0xC0 != 0x80]
+    return point + starts[0] if starts else size
 
 
 def _tail_start(handle, size: int, permille: int, paragraph: bool) -> int:

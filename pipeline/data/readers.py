@@ -21,6 +21,7 @@ from pipeline.data.sources import COMPRESSION_SUFFIXES, HUB_PREFIX, REPLACE_AND_
 from pipeline.errors import DataError
 
 BOM = b"\xef\xbb\xbf"
+MISSING = object()  # a row without the text field at all
 ARROW_BATCH_ROWS = 1024
 
 
@@ -29,8 +30,6 @@ class ReadStats:
     documents: int = 0
     text_bytes: int = 0
     invalid_utf8_bytes: int = 0
-    missing_text: int = 0
-    first_missing: str | None = None  # "FILE line N" or "FILE row N" of the first row without text
     exhausted: bool = True  # False when the document limit stopped the reading
 
     def as_dict(self) -> dict:
@@ -48,10 +47,14 @@ class PartitionReader:
     def __iter__(self) -> Iterator[str]:
         replaced_before = replaced_bytes()
         for value in self._values():
-            if not isinstance(value, str):
-                self.stats.missing_text += 1
-                self.stats.first_missing = self.stats.first_missing or self._place()
+            if value is None:  # a null text (JSON null, a Parquet null) is an empty document
                 continue
+            if not isinstance(value, str):  # one rule for every stage that reads: the tokenizer's too
+                raise DataError(
+                    f"{self._place()}: no text in the field `{self.source.text_field}`; set "
+                    f"data.sources[{self.partition.source}].text_field to the field that holds the text, or fix "
+                    "or remove the row"
+                )
             if not value.strip():
                 continue
             if self.stats.documents == self.limit:
@@ -93,7 +96,7 @@ class PartitionReader:
                 row = json.loads(text)
             except ValueError as exc:
                 raise DataError(f"{self._place()}: not valid JSON ({exc}); fix or remove the line") from None
-            yield row.get(field) if isinstance(row, dict) else None
+            yield row.get(field) if isinstance(row, dict) and field in row else MISSING
 
     def _parquet(self, piece: Piece) -> Iterator[object]:
         import pyarrow.parquet as pq

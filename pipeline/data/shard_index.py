@@ -183,14 +183,7 @@ def _source_summary(config: Config, position: int, plan: list[Partition], ordere
 
 
 def _check_source(config: Config, position: int, records: list[dict], read: dict) -> None:
-    source, label = config.data.sources[position], source_label(position, config.data.sources[position])
-    missing = sum(r["read"]["missing_text"] for r in records)
-    if missing:
-        first = next(r["read"]["first_missing"] for r in records if r["read"]["missing_text"])
-        raise DataError(
-            f"{label}: {missing} rows lack the text field `{source.text_field}` (first: {first}); set "
-            f"data.sources[{position}].text_field to the field holding the text"
-        )
+    label = source_label(position, config.data.sources[position])
     if read["documents"] == 0:
         raise DataError(f"{label}: yields no documents (empty or blank); point data.sources at text or drop the source")
     if read["invalid_utf8_bytes"]:
@@ -219,7 +212,8 @@ def _check_validation(config: Config, splits: dict, sources: list[dict]) -> None
     if cuttable:
         fix = f"set data.sources.{cuttable[0]}.validation=tail (its last {data.val_permille}‰ validates) or "
     documents = sum(s["documents"] for s in sources)
+    rules = " and ".join(sorted({s["validation"] for s in sources}))
     raise DataError(
         f"none of the corpus's {documents} documents fell into the validation split (data.val_permille="
-        f"{data.val_permille}, by hash); {fix}raise data.val_permille"
+        f"{data.val_permille}, by {rules}); {fix}raise data.val_permille"
     )

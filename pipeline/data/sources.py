@@ -22,6 +22,7 @@ import sysconfig
 from pathlib import Path
 
 from pipeline.config import DataConfig, SourceConfig
+from pipeline.data.sniff import check_text_files
 from pipeline.errors import DataError
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
@@ -115,7 +116,10 @@ def resolve_files(position: int, source: SourceConfig) -> list[str]:
             f"{source_label(position, source)}: the path {what} (relative paths start at "
             f"{os.getcwd()}); fix data.sources[{position}].path"
         )
-    return [os.path.abspath(f) for f in files]
+    files = [os.path.abspath(f) for f in files]
+    if kind in ("text", "jsonl"):
+        check_text_files(files, source_label(position, source), position, kind)
+    return files
 
 
 def stdlib_files(position: int, source: SourceConfig) -> list[str]:

@@ -34,7 +34,9 @@ from pipeline.errors import DataError
 from pipeline.run.artifacts import StageResult, atomic_write_json, build_stage, fingerprint
 from pipeline.run.runtime import run_tasks
 
-CODE_VERSION = "tokenizer-2"  # 2: the sample is drawn per partition
+CODE_VERSION = "tokenizer-3"  # 2: the sample is drawn per partition; 3: huge documents are sampled by bytes
+# The BPE trainer holds each sequence whole: the sample reaches it in pieces of at most this many bytes.
+SAMPLE_PIECE_BYTES = 1 << 20
 TOKENIZER_FILE = "tokenizer.json"
 FAMILY_SPECIAL_TOKENS = {
     "gpt": ["<|endoftext|>"],
@@ -151,23 +153,45 @@ class SampleJob:
 
 
 def sample_partition(job: SampleJob) -> dict:
-    """The partition's first training documents that fit in `budget` bytes together: a document that
-    does not fit is passed over, and reading stops once twice the budget has been read."""
+    """The partition's first training documents that fit in `budget` bytes together, in pieces of at
+    most SAMPLE_PIECE_BYTES: a document that does not fit is passed over, but one larger than the whole
+    budget contributes its first bytes (cut at whitespace), so a corpus of one huge document still
+    trains the tokenizer. Reading stops once twice the budget has been read."""
     reader = PartitionReader(job.partition, job.source, job.limit)
     texts, size, scanned = [], 0, 0
     hashed = job.partition.split == SPLIT_BY_HASH
     for text in reader:
-        length = len(text.encode("utf-8"))
-        scanned += length
+        data = text.encode("utf-8")
+        scanned += len(data)
         training = job.partition.split == "train" or hashed and not is_validation(text, job.val_permille)
-        if training and size + length <= job.budget:
-            texts.append(text)
-            size += length
+        if training and (size + len(data) <= job.budget or len(data) > job.budget):
+            kept = data[: int(job.budget) - size]
+            texts += byte_pieces(kept, complete=len(kept) == len(data))
+            size += len(kept)
+            if len(kept) < len(data):
+                break  # the budget is spent on this document's first bytes
         if scanned >= 2 * job.budget or size == job.budget:
             break
     else:
         return {"texts": texts, "bytes": size, "documents": reader.stats.documents, "exhausted": reader.stats.exhausted}
     return {"texts": texts, "bytes": size, "documents": reader.stats.documents, "exhausted": False}
+
+
+def byte_pieces(data: bytes, *, complete: bool) -> list[str]:
+    """UTF-8 text in pieces of at most SAMPLE_PIECE_BYTES, cut after whitespace where there is some in
+    a piece's second half. The BPE trainer holds each sequence it is given whole, so a 50 MB document
+    fed in one piece costs gigabytes; byte-level pre-tokenization splits at whitespace anyway, so the
+    cuts leave the statistics unchanged but for the piece ends. An incomplete document (its first
+    bytes only) also loses a trailing partial character."""
+    pieces, start = [], 0
+    while start < len(data):
+        end = min(start + SAMPLE_PIECE_BYTES, len(data))
+        if end < len(data) or not complete:
+            space = max(data.rfind(b" ", start + SAMPLE_PIECE_BYTES // 2, end), data.rfind(b"\n", start, end))
+            end = space + 1 if space > start + SAMPLE_PIECE_BYTES // 2 else end
+        pieces.append(data[start:end].decode("utf-8", "ignore"))
+        start = end
+    return [piece for piece in pieces if piece]
 
 
 def sample_corpus(config: Config) -> Iterator[str]:

@@ -15,6 +15,7 @@ ends the run with one line naming the stage; its traceback is in `<run_dir>/logs
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -130,7 +131,8 @@ def _run_stages(stages: list[str], config: Config, run_dir: Path, tracker, echo:
         status = "KILLED"
         raise
     finally:
-        tracker.finish(status)
+        with contextlib.suppress(OSError):  # a full disk: the error being raised is the one to tell
+            tracker.finish(status)
     return results
 
 
@@ -166,8 +168,9 @@ def _run_stage(stage: str, config: Config, run_dir: Path, state: RunState, track
     except Exception as exc:
         cause = remote_cause(exc)
         log = save_traceback(run_dir, stage, "".join(traceback.format_exception(exc)))
-        state.record(stage, "failed", error=f"{type(cause).__name__}: {cause}")
-        log_stage(tracker, stage, {}, "failed")
+        with contextlib.suppress(OSError):  # a full disk may be why it failed: the cause still gets told
+            state.record(stage, "failed", error=f"{type(cause).__name__}: {cause}")
+            log_stage(tracker, stage, {}, "failed")
         shown = str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}"
         raise StageFailed(stage, shown, log) from exc
     seconds = round(time.perf_counter() - started, 1)

@@ -11,6 +11,7 @@ session logs; the driver shows the progress from the run's journal (pipeline/tra
 
 from __future__ import annotations
 
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,25 @@ def announce_resume(point: tuple[Path, dict, dict] | None, max_steps: int, echo:
         echo(nothing_left_message(state["step"], max_steps))
 
 
+def _fit_in_a_thread(trainer) -> None:
+    """Ray Train's fit() takes SIGINT over when it runs in the main thread (it aborts the run without a
+    checkpoint); in a thread it does not, so Ctrl-C reaches `forward_signals`: a checkpoint, then a stop."""
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits: the main thread runs signal handlers between them
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def _fit(config: Config, shard_dir: Path, run_dir: Path) -> TrainResult:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -115,7 +135,7 @@ def _fit(config: Config, shard_dir: Path, run_dir: Path) -> TrainResult:
         ),
     )
     try:
-        trainer.fit()
+        _fit_in_a_thread(trainer)
     except Exception:
         _, error = ray.get(outcome.get.remote())
         if error is not None:

@@ -31,9 +31,10 @@ def failed_writes_reported(path: Path, latest: str | None, rank: int) -> Iterato
             shutil.rmtree(path, ignore_errors=True)
         kept = f"the last good checkpoint {latest} is kept as `latest`" if latest else "there is no earlier checkpoint"
         reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        needed = f"a checkpoint needs about {_tree_bytes(path.parent / latest):,}" if latest else "more is needed"
         raise StorageError(
             f"writing checkpoint {path} failed ({reason}; {_free_bytes(path.parent):,} bytes free "
-            f"there); {kept}. Free space or lower train.keep_checkpoints, then run again to "
+            f"there, {needed}); {kept}. Free space or lower train.keep_checkpoints, then run again to "
             "resume"
         ) from exc
 
@@ -47,6 +48,10 @@ def _is_write_failure(exc: BaseException) -> bool:
         Path(frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py")
         for frame, _ in traceback.walk_tb(exc.__traceback__)
     )
+
+
+def _tree_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
 def _free_bytes(directory: Path) -> int:

@@ -20,9 +20,8 @@ def read(path, partition_bytes=8 << 20, **settings):
     for partition in plan_source(0, source, data):
         reader = PartitionReader(partition, source)
         texts += list(reader)
-        for key in ("documents", "text_bytes", "invalid_utf8_bytes", "missing_text"):
+        for key in ("documents", "text_bytes", "invalid_utf8_bytes"):
             setattr(total, key, getattr(total, key) + getattr(reader.stats, key))
-        total.first_missing = total.first_missing or reader.stats.first_missing
     return texts, total
 
 
@@ -74,14 +73,19 @@ def test_jsonl_invalid_utf8_is_replaced_and_counted(tmp_path):
     assert texts == ["caf\ufffd", "fine"] and stats.invalid_utf8_bytes == 1
 
 
-def test_jsonl_rows_without_text_field_are_counted_with_the_first_line(tmp_path):
+def test_a_jsonl_row_without_the_text_field_is_named_by_its_line(tmp_path):
     path = tmp_path / "docs.jsonl"
     rows = [{"text": f"document {i}"} for i in range(200)]
     path.write_bytes(_jsonl_bytes(rows) + b"\n" + _jsonl_bytes([{"txt": "b"}, {"text": None}]))
-    # Small partitions: the bad rows sit in a later partition, and the line still counts from the file's start.
-    texts, stats = read(path, partition_bytes=1024)
-    assert len(texts) == 200 and stats.missing_text == 2
-    assert stats.first_missing == f"{path} line 202"
+    # Small partitions: the bad row sits in a later partition, and the line still counts from the file's start.
+    with pytest.raises(DataError) as error:
+        read(path, partition_bytes=1024)
+    assert str(error.value) == (
+        f"{path} line 202: no text in the field `text`; set data.sources[0].text_field to the field that holds "
+        "the text, or fix or remove the row"
+    )
+    path.write_bytes(_jsonl_bytes(rows))  # the fix: the rows removed
+    assert len(read(path, partition_bytes=1024)[0]) == 200
 
 
 def test_a_line_that_is_not_json_is_named(tmp_path):
@@ -101,8 +105,8 @@ def test_parquet_row_groups(tmp_path):
     source = SourceConfig(path=str(path), text_field="content")
     data = load_config(None, ["data.partition_bytes=2048"]).data
     assert len(plan_source(0, source, data)) > 2  # several row-group runs
-    texts, stats = read(path, partition_bytes=2048, text_field="content")
-    assert texts == [v for v in values if v] and stats.missing_text == 143 and stats.first_missing == f"{path} row 1"
+    texts, _ = read(path, partition_bytes=2048, text_field="content")
+    assert texts == [v for v in values if v]  # nulls are empty documents, skipped
     with pytest.raises(DataError, match=r"no column `text` \(columns: content\); set data.sources\[0\].text_field"):
         read(path)
 

@@ -123,11 +123,21 @@ def test_a_source_failing_mid_stage_leaves_no_shard_directory(workdir, corpus):
         handle.write('{"content": "no text field"}\n')
     # A small tokenizer sample stops reading early, so the bad row surfaces while the shards are written.
     config = corpus_config(workdir, corpus_dir, "tokenizer.sample_bytes=2000", "data.partition_bytes=2048")
-    with pytest.raises(DataError, match=r"1 rows lack the text field `text` \(first: .*code.jsonl line 61\)"):
+    with pytest.raises(DataError, match=r"code.jsonl line 61: no text in the field `text`; set data.sources\[0\]"):
         shard_stage(config)
-    assert len(list((workdir / "cache" / "tokenizer").iterdir())) == 1
+    assert len(list((workdir / "cache" / "tokenizer").iterdir())) == 1  # it never read the bad row
     # Bad input leaves nothing to resume: its fix changes the fingerprint.
     assert list((workdir / "cache" / "shard").iterdir()) == []
+
+
+def test_a_row_without_text_fails_the_tokenizer_stage_by_the_same_rule_and_caches_nothing(tmp_path, corpus):
+    corpus_dir, _ = corpus
+    with (corpus_dir / "code.jsonl").open("a") as handle:
+        handle.write('{"content": "no text field"}\n')
+    workdir = tmp_path / "fresh"
+    with pytest.raises(DataError, match=r"code.jsonl line 61: no text in the field `text`; set data.sources\[0\]"):
+        tokenizer_stage(corpus_config(workdir, corpus_dir))  # the whole corpus fits in its sample
+    assert not any((workdir / "cache" / "tokenizer").glob("*/tokenizer.json"))
 
 
 def built_files(directory) -> dict[str, bytes]:

@@ -120,3 +120,28 @@ def test_vocab_smaller_than_bytes_plus_specials_is_a_config_error():
 def test_load_tokenizer_from_a_directory_without_one(tmp_path):
     with pytest.raises(DataError, match="no tokenizer.json; build it with `pretrain tokenizer CONFIG`"):
         load_tokenizer(tmp_path)
+
+
+def test_one_huge_line_trains_the_tokenizer_and_gets_a_validation_tail(workdir, tmp_path):
+    """A corpus of one document larger than the tokenizer's sample: its first bytes are sampled (the BPE
+    trainer gets them in pieces), and the tail rule cuts the line by bytes, after a space."""
+    from pipeline.data.shard import shard_stage
+    from pipeline.data.shards import read_index
+
+    words = " ".join(f"word{i % 977}" for i in range(400_000))  # one line, about 3.6 MB
+    (tmp_path / "one.txt").write_text(words)
+    config = load_config(
+        None,
+        [
+            f"run.workdir={workdir}",
+            f"data.sources=[{{path: {tmp_path / 'one.txt'}}}]",
+            "data.num_workers=1",
+            "tokenizer.vocab_size=600",
+            "tokenizer.sample_bytes=1000000",
+        ],
+    )
+    result = tokenizer_stage(config)
+    assert 950_000 <= result.manifest["figures"]["sample_bytes"] <= 1_000_000  # its first bytes, not nothing
+    splits = read_index(shard_stage(config).path)["splits"]
+    assert splits["train"]["documents"] == 1 and splits["val"]["documents"] == 1
+    assert splits["val"]["source_bytes"] == pytest.approx(len(words) * 0.02, rel=0.01)

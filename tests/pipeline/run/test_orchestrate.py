@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,8 +270,9 @@ def test_one_run_per_directory_and_ctrl_c_checkpoints_then_a_refused_resume_writ
     ]
 
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=300) == 130
+    code = process.wait(timeout=300)
     log = (tmp_path / "run.log").read_text()
+    assert code == 130, log[-4000:]
     assert "interrupt: writing a checkpoint at the next step boundary" in log
     assert "interrupted: run interrupted (Ctrl-C) at step" in log and f"`pretrain resume {run_dir}`" in log
     assert "Traceback" not in log
@@ -313,3 +315,41 @@ def test_ranks_orphaned_by_a_killed_driver_write_no_checkpoint(two_runs, tmp_pat
     time.sleep(15)  # Ray notices the dead driver within seconds; its workers must not checkpoint meanwhile
     late = [p.name for p in (run_dir / "checkpoints").glob("step-*") if p.stat().st_mtime > killed_at + 1]
     assert not late, f"checkpoints written after the driver died: {late}"
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes_once_there_is_room(two_runs, tmp_path):
+    """The run directory's filesystem fills up (another process ate the space) between two checkpoints:
+    one line naming the checkpoint, the bytes free and needed, and the fix; status 2; `latest` stays on
+    the last good checkpoint; no library traceback or logging error on the console. Freeing the space
+    and resuming, as the line says, finishes the run."""
+    workdir, _, _ = two_runs
+    run_dir = workdir / "runs" / "full"
+    run_dir.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(run_dir)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        log = tmp_path / "run.log"
+        args = (f"run.workdir={workdir}", "run.name=full", *TINY, "train.max_steps=400", "train.checkpoint_every=5")
+        process = start_pretrain("run", PRESET, *args, log=log)
+        latest, deadline = run_dir / "checkpoints" / "latest", time.monotonic() + 300
+        while not latest.exists():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        filler = run_dir / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(run_dir).free - 50_000))
+        assert process.wait(timeout=300) == 2
+        errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, log.read_text()[-4000:]
+        assert "writing checkpoint" in errors[0] and "bytes free there, a checkpoint needs about" in errors[0]
+        assert "Free space or lower train.keep_checkpoints" in errors[0]
+        assert "Logging error" not in log.read_text() and "Traceback" not in log.read_text()
+        kept = latest.read_text().strip()
+        assert (run_dir / "checkpoints" / kept / "COMPLETE").is_file()
+
+        filler.unlink()
+        resumed = pretrain("resume", str(run_dir), f"train.max_steps={int(kept.removeprefix('step-')) + 2}")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resumed from {run_dir / 'checkpoints' / kept}" in resumed.stdout + resumed.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(run_dir)], check=True)
