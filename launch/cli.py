@@ -143,6 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluate_existing_run(
         run_dir,
         args.checkpoint,
+        args.overrides,
         lm_eval_tasks=tasks,
         lm_eval_include=args.lm_eval_include,
         lm_eval_limit=args.lm_eval_limit,
@@ -258,6 +259,9 @@ def _add_run_dir_commands(commands) -> None:
     resume.set_defaults(func=cmd_resume)
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint (loss, perplexity, bits/byte)")
     evaluate.add_argument("run_dir")
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="eval.KEY=VALUE", help="eval section changes, e.g. eval.max_windows=1024"
+    )
     evaluate.add_argument("--checkpoint", help="checkpoint tag (default: latest)")
     evaluate.add_argument(
         "--lm-eval", nargs="+", metavar="TASKS", help="lm-evaluation-harness tasks (space or comma separated)"

@@ -7,6 +7,7 @@ message names the key and the fix. The root model that holds the sections is in 
 from __future__ import annotations
 
 import math
+import re
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -79,6 +80,12 @@ class RunConfig(Section):
 
 
 class SourceConfig(Section):
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Short name of the source in per-source metrics (`val/<name>/loss`) and reports. Default: "
+        "derived from the path (a file's stem, a glob's directory, the dataset name).",
+    )
     path: str = Field(
         description="A file, a glob, a directory saved by `datasets.save_to_disk`, "
         "`builtin:python-stdlib` (the running interpreter's standard library sources), or "
@@ -143,6 +150,35 @@ class DataConfig(Section):
         description="Read at most this many documents per source (for quick experiments); None reads everything.",
     )
     verify_checksums: bool = Field(True, description="Check every shard's sha256 against index.json when a run starts.")
+
+    @model_validator(mode="after")
+    def _names_differ(self) -> DataConfig:
+        names = [source_name(source) for source in self.sources]
+        for position, name in enumerate(names):
+            check(
+                names.index(name) == position,
+                f"data.sources[{names.index(name)}] and data.sources[{position}] are both named `{name}`; give "
+                f"one a name of its own (data.sources[{position}].name=...)",
+            )
+        return self
+
+
+def source_name(source: SourceConfig) -> str:
+    """The source's `name`, or one derived from its path: `python-stdlib` for the builtin corpus, the
+    dataset's last path part for the hub, a file's stem without its suffixes, a glob's last plain
+    directory."""
+    if source.name:
+        return source.name
+    path = source.path.rstrip("/")
+    if path.startswith("builtin:"):
+        return path.removeprefix("builtin:")
+    if path.startswith("hf:"):
+        return path.rsplit("/", 1)[-1]
+    parts = [part for part in path.split("/") if part]
+    plain = [part for part in parts if not any(c in part for c in "*?[")]
+    last = parts[-1] if parts and plain and parts[-1] == plain[-1] else (plain[-1] if plain else "source")
+    stem = last.split(".")[0] or last
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem).strip("_.-") or "source"
 
 
 class TokenizerConfig(Section):
@@ -273,7 +309,6 @@ class TrainConfig(Section):
     )
     log_every: int = Field(10, gt=0, description="Log training metrics every N optimizer steps.")
     eval_every: int = Field(100, ge=0, description="Validation loss every N steps; 0 disables.")
-    eval_batches: int = Field(8, gt=0, description="Micro-batches per rank in each in-loop validation.")
     checkpoint_every: int = Field(
         500, ge=0, description="Checkpoint every N steps (and always at the end); 0 checkpoints only at the end."
     )
@@ -325,11 +360,22 @@ class TrainConfig(Section):
             self.offload_optimizer is False or self.zero_stage >= 1,
             "train.offload_optimizer=true needs train.zero_stage >= 1",
         )
+        check(
+            self.precision == "fp32" or self.zero_stage >= 1,
+            f"train.precision={self.precision} accumulates and reduces gradients in fp32, which DeepSpeed does "
+            "from ZeRO stage 1 on; set train.zero_stage=1 (on one GPU it partitions nothing and costs nothing)",
+        )
         return self
 
 
 class EvalConfig(Section):
-    batches: int = Field(32, gt=0, description="Validation micro-batches per rank in the eval stage.")
+    max_windows: int = Field(
+        256,
+        gt=0,
+        description="Validation windows scored, by in-loop validation and the eval stage alike: the whole "
+        "validation split when it has at most this many, else this many spread evenly over it (a fixed, seeded "
+        "draw). The set depends on the split and this value only, not on the world size or the micro-batch.",
+    )
     prompts: list[str] = Field(
         default_factory=lambda: ["def ", "import "],
         description="GPT: prompts to sample from; BERT: texts in which tokens are masked and filled.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import median
 
+from pipeline.data.near_duplicates import near_duplicate_count
 from pipeline.data.shards import read_index
 
 
@@ -35,9 +36,16 @@ def inspect_shards(shard_dir: str | Path) -> str:
     )
     for source in index["sources"]:
         lines.append(
-            f"source {source['name']}: weight {source['weight']:g} -> {source['target_share']:.1%} of "
+            f"source {source['name']} ({source.get('path', source['name'])}): weight {source['weight']:g} -> {source['target_share']:.1%} of "
             f"training tokens (natural {source['natural_share']:.1%}), {source['documents']:,} documents, "
             f"{source['train_tokens']:,} train tokens, {source['invalid_utf8_bytes']} invalid UTF-8 bytes, "
             f"validation by {source.get('validation', 'hash')}, {source.get('partitions', '?')} partitions"
         )
+    leak = near_duplicate_count(shard_dir, index["separator_id"])
+    capped = " (the first documents of each split only)" if leak["capped"] else ""
+    lines.append(
+        f"near-duplicates: {leak['with_near_duplicate_in_train']} of {leak['val_documents']} validation documents "
+        f"have a training document with an estimated Jaccard similarity >= {leak['threshold']} of their token "
+        f"5-grams (MinHash over {leak['train_documents_compared']:,} training documents{capped})"
+    )
     return "\n".join(lines)

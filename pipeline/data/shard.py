@@ -43,7 +43,9 @@ from pipeline.data.tokenizer import load_tokenizer, special_token_ids, tokenizer
 from pipeline.run.artifacts import StageResult, atomic_write_json, build_stage, canonical_json, fingerprint
 from pipeline.run.runtime import current_node, run_tasks
 
-CODE_VERSION = "shard-4"  # 4: one task per input partition, each writing its own shard files
+# 4: one task per input partition, each writing its own shard files; 5: the split by MinHash key,
+# source names
+CODE_VERSION = "shard-5"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ from pipeline.errors import DataError
 from pipeline.run.artifacts import StageResult, atomic_write_json, build_stage, fingerprint
 from pipeline.run.runtime import run_tasks
 
-CODE_VERSION = "tokenizer-3"  # 2: the sample is drawn per partition; 3: huge documents are sampled by bytes
+# 2: the sample is drawn per partition; 3: huge documents sampled by bytes, the split by MinHash key
+CODE_VERSION = "tokenizer-3"
 # The BPE trainer holds each sequence whole: the sample reaches it in pieces of at most this many bytes.
 SAMPLE_PIECE_BYTES = 1 << 20
 TOKENIZER_FILE = "tokenizer.json"

@@ -2,24 +2,22 @@
 (GPT) or fill-mask examples (BERT), optional lm-evaluation-harness scores; `eval/report.json` and a
 human-readable `eval/summary.txt`.
 
-Validation batches are the first `eval.batches` micro-batches (train.micro_batch_size windows of
-train.seq_len tokens) of the val split in order, read by the same loader as the training loop's
-in-loop validation (windows at stride seq_len, BERT masks seeded by (run.seed, position)), so every
-checkpoint is scored on the same tokens. When eval.batches asks for more than the split holds, every
-window is scored once. Losses are summed over scored tokens, then divided by their number.
+Validation scores the fixed window set of pipeline/eval/validation.py, the same function and windows
+as the training loop's in-loop validation: the whole val split when it has at most eval.max_windows
+windows, else that many spread evenly over it. Losses are summed over scored tokens, then divided by
+their number, overall and per source (the mixture view: `<source>/loss` metrics when there are several).
 
 Bits per byte. A loss in nats per token depends on the tokenizer; bits per byte does not:
 
-    bits_per_byte = (nats per scored token / ln 2) / (val source bytes / val tokens)
+    bits_per_byte = (nats per scored token / ln 2) / (source bytes per scored token)
 
-The denominator is the val split's bytes of UTF-8 source text per token, from the shard index.
-Exactness: when every window is scored (`bits_per_byte_exact` in the report), the scored tokens are
-the whole split except each source's first token and a tail shorter than one window, and the figure
-is the split's code length per byte up to those. Otherwise (fewer batches) it assumes the scored
-part has the split's average bytes per token: an estimate, with its coverage in the report. The
-separator closing each document is a scored token with no source bytes: the end of a document is
-information too, and every tokenizer has one per document, so figures compare across tokenizers.
-Each window restarts its context, so figures compare at equal train.seq_len.
+When the whole split is scored, the bytes per token are the split's, from the shard index: the
+figure is the split's code length per byte, up to each source's first token and a tail shorter than
+one window. Otherwise they are the scored windows' own: their target tokens decoded to UTF-8 (special
+tokens count no bytes), so the figure rests on the text actually scored. The separator closing each
+document is a scored token with no source bytes: the end of a document is information too, and every
+tokenizer has one per document, so figures compare across tokenizers. Each window restarts its
+context, so figures compare at equal train.seq_len.
 
 Bits per byte is reported for GPT only: a causal LM's loss is the log-likelihood of the text (the
 chain rule over every token), hence a code length. BERT's MLM loss scores ~15% of tokens, each given
@@ -30,20 +28,18 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.data.loader import BatchLoader, TokenDataset
-from pipeline.data.masking import IGNORE_INDEX
-from pipeline.data.tokenizer import bert_masking_ids, load_tokenizer, special_token_ids
+from pipeline.data.loader import TokenDataset
+from pipeline.data.tokenizer import load_tokenizer, special_token_ids
 from pipeline.errors import DataError
 from pipeline.eval.harness import run_lm_eval
+from pipeline.eval.validation import Scoring, ValidationSums, WindowSet, scoring_for, validate, window_set
 from pipeline.run.artifacts import atomic_write_json, atomic_write_text
 from pipeline.run.rundir import EVAL_DIR, REPORT_FILE, SUMMARY_FILE
 from pipeline.training.checkpoint import checkpoints_dir, read_trainer_state
@@ -112,6 +108,9 @@ def evaluation_report(config: Config, model: nn.Module, tokenizer, shard_dir: st
         "bits_per_byte": validation.get("bits_per_byte"),
         "mlm_accuracy": validation.get("mlm_accuracy"),
     }
+    if len(validation["sources"]) > 1:  # the mixture view: every source's figures as metrics too
+        for name, figures in validation["sources"].items():
+            metrics |= {f"{name}/{key}": figures.get(key) for key in ("loss", "perplexity", "bits_per_byte")}
     report = {
         "run": config.run.name,
         "family": family,
@@ -130,106 +129,80 @@ def evaluation_report(config: Config, model: nn.Module, tokenizer, shard_dir: st
 # Validation
 
 
-def validation_loader(config: Config, dataset: TokenDataset, tokenizer, micro_batch_size: int) -> BatchLoader:
-    """The val split in order, as the training loop's in-loop validation reads it on one rank."""
-    family = config.model.family
-    masking = bert_masking_ids(tokenizer) if family == "bert" else {}
-    separator = dataset.index["separator_id"] if config.train.document_masking else None
-    return BatchLoader(
-        dataset,
-        family=family,
-        seq_len=config.train.seq_len,
-        micro_batch_size=micro_batch_size,
-        rank=0,
-        world_size=1,
-        seed=config.run.seed,
-        shuffle=False,
-        separator_id=separator,
-        **masking,
-    )
-
-
-def validation_batches(config: Config, dataset: TokenDataset, tokenizer) -> tuple[list[int], int, Iterator[dict]]:
-    """(micro-batch sizes, windows in the split, the micro-batches): the split's first eval.batches
-    micro-batches or, when that asks for more than the split holds, every window of it once (those
-    that do not fill a last micro-batch come one by one)."""
-    micro = config.train.micro_batch_size
-    loader = validation_loader(config, dataset, tokenizer, micro)
-    windows = loader.samples_per_epoch
-    sizes = [micro] * min(config.eval.batches, windows // micro)
-    if config.eval.batches * micro >= windows:
-        sizes += [1] * (windows % micro)
-
-    def batches() -> Iterator[dict]:
-        tail = None
-        for size in sizes:
-            if size == micro:
-                yield loader.next_batch()
-                continue
-            if tail is None:  # a loader of single windows, from where the full micro-batches ended
-                tail = validation_loader(config, dataset, tokenizer, 1)
-                tail.load_state_dict({"epoch": 0, "samples_consumed": loader.samples_consumed})
-            yield tail.next_batch()
-
-    return sizes, windows, batches()
-
-
-@torch.no_grad()
 def validation_metrics(config: Config, model: nn.Module, tokenizer, dataset: TokenDataset) -> dict:
-    """Token-weighted loss over the validation micro-batches, perplexity, and bits per byte (GPT) or
-    MLM accuracy (BERT)."""
-    sizes, windows, batches = validation_batches(config, dataset, tokenizer)
+    """Token-weighted loss over the fixed validation windows (pipeline/eval/validation.py, the in-loop
+    validation's too), perplexity, and bits per byte (GPT) or MLM accuracy (BERT), overall and per
+    source."""
+    windows = window_set(dataset, config.model.family, config.train.seq_len, config.eval.max_windows)
+    scoring = scoring_for(config, dataset)
     device = next(model.parameters()).device
-    nats, scored, correct = 0.0, 0, 0
-    for batch in batches:
-        batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-        labels = batch["labels"]
-        keep = labels != IGNORE_INDEX
-        nats += F.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        scored += int(keep.sum())
-        correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
-    if scored == 0:
+    sums = validate(model, dataset, windows, scoring, micro_batch_size=config.train.micro_batch_size, device=device)
+    if sums.tokens.sum() == 0:
         raise DataError(
             f"{dataset.shard_dir}: the val split gave no token to score; raise data.val_permille or lower train.seq_len"
         )
-    loss = nats / scored
-    result = {
-        "batches": len(sizes),
-        "windows": sum(sizes),
-        "split_windows": windows,
-        "seq_len": config.train.seq_len,
-        "scored_tokens": scored,
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-    }
+    per_source_bytes = None
     if config.model.family == "gpt":
-        return result | bits_per_byte_figures(loss, scored, dataset, whole_split=sum(sizes) == windows)
-    return result | {
-        "mlm_accuracy": correct / scored,
-        "note": "loss and accuracy over the masked positions (15%: 80% [MASK], 10% random, "
-        "10% kept); no bits per byte: the MLM loss is no likelihood of the text",
+        per_source_bytes = (
+            split_bytes_per_token(dataset)
+            if windows.whole_split
+            else window_bytes(dataset, windows, scoring, tokenizer)
+        )
+    names = dataset.source_names()
+    result = source_figures(config, sums, None, per_source_bytes) | {
+        "windows": len(windows.ids),
+        "split_windows": int(windows.source_starts[-1]),
+        "whole_split": windows.whole_split,
+        "seq_len": config.train.seq_len,
+        "sources": {name: source_figures(config, sums, i, per_source_bytes) for i, name in enumerate(names)},
     }
+    if config.model.family == "bert":
+        result["note"] = (
+            "loss and accuracy over the masked positions (15%: 80% [MASK], 10% random, 10% kept); no bits per "
+            "byte: the MLM loss is no likelihood of the text"
+        )
+    return result
+
+
+def source_figures(config: Config, sums: ValidationSums, source: int | None, bytes_per_token) -> dict:
+    """Loss, perplexity and bits per byte (GPT) or MLM accuracy (BERT) of one source (None: all)."""
+    picked = slice(None) if source is None else source
+    tokens = float(sums.tokens[picked].sum())
+    loss = sums.loss(source)
+    figures = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "scored_tokens": int(tokens)}
+    if config.model.family == "bert":
+        return figures | {"mlm_accuracy": float(sums.correct[picked].sum()) / tokens if tokens else math.nan}
+    scored_bytes, bytes_tokens = bytes_per_token
+    ratio = float(scored_bytes[picked].sum()) / float(bytes_tokens[picked].sum())
+    return figures | {"bits_per_byte": bits_per_byte(loss, ratio), "bytes_per_token": ratio}
+
+
+def split_bytes_per_token(dataset: TokenDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Per source: the validation split's source bytes and tokens, from the shard index (exact when the
+    whole split is scored)."""
+    shards = dataset.index["splits"][dataset.split]["shards"]
+    n = len(dataset.streams)
+    source_bytes = np.array([sum(s["source_bytes"] for s in shards if s["source"] == i) for i in range(n)], float)
+    tokens = np.array([sum(s["tokens"] for s in shards if s["source"] == i) for i in range(n)], float)
+    return source_bytes, tokens
+
+
+def window_bytes(dataset: TokenDataset, windows: WindowSet, scoring: Scoring, tokenizer) -> tuple:
+    """Per source: the UTF-8 bytes of the scored windows' target tokens, decoded (special tokens carry no
+    source bytes), and those tokens: bits per byte from the scored text itself when only a part of the
+    split is scored."""
+    n = len(dataset.streams)
+    source_bytes, tokens = np.zeros(n), np.zeros(n)
+    for item in range(len(windows.ids)):
+        targets = windows.tokens(dataset, item, scoring.window, scoring.seq_len)[1:]
+        source = int(windows.sources[item])
+        source_bytes[source] += len(tokenizer.decode(targets.tolist(), skip_special_tokens=True).encode("utf-8"))
+        tokens[source] += len(targets)
+    return source_bytes, tokens
 
 
 def bits_per_byte(nats_per_token: float, bytes_per_token: float) -> float:
     return nats_per_token / math.log(2) / bytes_per_token
-
-
-def bits_per_byte_figures(loss: float, scored_tokens: int, dataset: TokenDataset, whole_split: bool) -> dict:
-    """Bits per byte and what it rests on (see the module docstring for when it is exact)."""
-    bytes_per_token = dataset.source_bytes / dataset.total_tokens
-    return {
-        "bits_per_byte": bits_per_byte(loss, bytes_per_token),
-        "bytes_per_token": bytes_per_token,
-        "split_tokens": dataset.total_tokens,
-        "split_source_bytes": dataset.source_bytes,
-        "coverage": scored_tokens / dataset.total_tokens,
-        # Every window scored: all tokens but each source's first and its tail shorter than a window.
-        "bits_per_byte_exact": whole_split,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,19 +318,21 @@ def format_summary(report: dict) -> str:
 
 
 def _validation_lines(v: dict) -> list[str]:
+    scored = "the whole split" if v["whole_split"] else f"{v['windows']} of the split's {v['split_windows']} windows"
     lines = [
-        f"validation: {v['windows']} of the split's {v['split_windows']} windows of {v['seq_len']} tokens "
-        f"({v['batches']} micro-batches), {v['scored_tokens']:,} tokens scored",
+        f"validation: {scored} ({v['seq_len']} tokens each), {v['scored_tokens']:,} tokens scored",
         f"  loss           {v['loss']:.4f} nats/token",
         f"  perplexity     {v['perplexity']:.3f}",
     ]
     if "bits_per_byte" in v:
-        exact = "the whole split" if v["bits_per_byte_exact"] else f"{v['coverage']:.1%} of the split, an estimate"
-        lines.append(
-            f"  bits per byte  {v['bits_per_byte']:.4f} ({v['bytes_per_token']:.3f} source bytes/token; scored {exact})"
-        )
+        source = "the split's bytes per token" if v["whole_split"] else "the scored windows' own bytes"
+        lines.append(f"  bits per byte  {v['bits_per_byte']:.4f} ({v['bytes_per_token']:.3f} bytes/token, {source})")
     if "mlm_accuracy" in v:
         lines.append(f"  MLM accuracy   {v['mlm_accuracy']:.4f} (masked positions)")
+    if len(v["sources"]) > 1:
+        for name, figures in v["sources"].items():
+            shown = ", ".join(f"{key} {figures[key]:.4f}" for key in ("loss", "bits_per_byte") if key in figures)
+            lines.append(f"  source {name}: {shown}")
     return lines
 
 

@@ -246,14 +246,20 @@ def log_eval_artifacts(tracker, run_dir: Path, report: dict) -> StageOutput:
     return StageOutput(eval_dir, report["metrics"], step=int(report["step"]))
 
 
-def evaluate_existing_run(run_dir: Path, checkpoint_tag: str | None = None, **lm_eval) -> dict:
-    """`pretrain eval RUN_DIR`: evaluate in this process and log to the run's own MLflow run."""
+def evaluate_existing_run(
+    run_dir: Path, checkpoint_tag: str | None = None, overrides: list[str] = (), **lm_eval
+) -> dict:
+    """`pretrain eval RUN_DIR [eval.KEY=VALUE ...]`: evaluate in this process and log to the run's own
+    MLflow run. Only the eval section may be overridden: anything else would score another model."""
     from pipeline.eval.stage import evaluate_run
     from pipeline.tracking.local import log_stage
     from pipeline.tracking.store import open_tracker
 
     run_dir = Path(run_dir).resolve()
-    config = load_config(config_path(run_dir))
+    for text in overrides:
+        if not text.startswith("eval."):
+            raise ConfigError(f"`pretrain eval` takes eval.* overrides only, not `{text}`; e.g. eval.max_windows=1024")
+    config = load_config(config_path(run_dir), list(overrides))
     state = RunState.load(run_dir)
     report = evaluate_run(
         config, run_dir, state.output("shard"), state.output("tokenizer"), checkpoint_tag=checkpoint_tag, **lm_eval

@@ -24,28 +24,35 @@ from pipeline.training.run import Callback, Run, StepOutcome
 
 
 class MetricsLogger(Callback):
-    """Training metrics every train.log_every steps."""
+    """Training metrics every train.log_every steps, and the last, shorter window at the end."""
 
     def __init__(self, every: int):
-        self.every = every
+        self.every, self.logged_at = every, None
 
     def after_step(self, run: Run, outcome: StepOutcome) -> None:
         if not outcome.rolled_back and run.step % self.every == 0:
+            run.log(run.flush_meter())
+            self.logged_at = run.step
+
+    def close(self, run: Run) -> None:
+        finished = run.step >= run.config.train.max_steps or run.stopping  # not on an error: no collective then
+        if finished and run.meter.window_steps and self.logged_at != run.step:
             run.log(run.flush_meter())
 
 
 class Validator(Callback):
     """Validation loss every train.eval_every steps and at the last step; 0 disables it."""
 
-    def __init__(self, every: int, evaluate: Callable[[Run], float]):
+    def __init__(self, every: int, evaluate: Callable[[Run], dict[str, float]]):
         self.every, self.evaluate = every, evaluate
 
     def after_step(self, run: Run, outcome: StepOutcome) -> None:
         if outcome.rolled_back or not self.every:
             return
         if run.step % self.every == 0 or run.step == run.config.train.max_steps:
-            run.val_loss = self.evaluate(run)
-            run.log({METRIC_VAL_LOSS: run.val_loss})
+            losses = self.evaluate(run)
+            run.val_loss = losses[METRIC_VAL_LOSS]
+            run.log(losses)
 
 
 class Checkpointer(Callback):
@@ -110,7 +117,7 @@ class Profiler(Callback):
 
 
 def default_callbacks(
-    config: Config, run_dir: Path, rank: int, health: StepHealth, evaluate: Callable[[Run], float]
+    config: Config, run_dir: Path, rank: int, health: StepHealth, evaluate: Callable[[Run], dict[str, float]]
 ) -> list[Callback]:
     t = config.train
     callbacks: list[Callback] = [

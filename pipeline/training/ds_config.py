@@ -98,8 +98,14 @@ def _zero(train: TrainConfig, num_parameters: int, d_model: int, on_gpu: bool) -
 
 
 def _precision(precision: str) -> dict[str, Any]:
+    """bf16/fp16 keep fp32 master weights (DeepSpeed's optimizers do), and here also accumulate gradients
+    over micro-steps and reduce them across ranks in fp32, as torchtitan and OLMo-core do: bf16's 8-bit
+    mantissa loses the small contributions of many micro-steps or ranks."""
+    if precision == "fp32":
+        return {}
+    fp32_gradients = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
     if precision == "bf16":
-        return {"bf16": {"enabled": True}}
+        return {"bf16": {"enabled": True}, **fp32_gradients}
     if precision == "fp16":
         # Dynamic loss scaling: start at 2^16, halve on overflow (after `hysteresis` overflows),
         # double after `loss_scale_window` clean steps.
@@ -111,9 +117,9 @@ def _precision(precision: str) -> dict[str, Any]:
                 "loss_scale_window": 1000,
                 "hysteresis": 2,
                 "min_loss_scale": 1,
-            }
+            },
+            **fp32_gradients,
         }
-    return {}
 
 
 def merge_overrides(derived: dict[str, Any], overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -23,13 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from models import flops_per_token, num_parameters
 from pipeline.config import Config, load_config
 from pipeline.data.loader import BatchLoader, TokenDataset, check_vocab_fits
+from pipeline.data.masking import IGNORE_INDEX
 from pipeline.data.shards import SHARD_TOKENIZER_DIR, verify_shards
 from pipeline.data.tokenizer import bert_masking_ids
 from pipeline.errors import ConfigError
+from pipeline.eval.validation import named_losses, scoring_for, validate, window_set
 from pipeline.run.artifacts import atomic_write_json
 from pipeline.run.rundir import CONFIG_FILE, DEEPSPEED_CONFIG_FILE
 from pipeline.tracking.journal import training_sink
@@ -86,7 +89,7 @@ def setup(config: Config, run_dir: Path, shard_dir: Path, *, driver_verified: bo
     if rank == 0:  # the exact JSON DeepSpeed got, for the run's records
         atomic_write_json(run_dir / DEEPSPEED_CONFIG_FILE, ds_config)
     model = engine.create_model(config, ds_config)
-    t = config.train
+    t, val_dataset = config.train, TokenDataset(shard_dir, "val")
     health = StepHealth(t.max_bad_steps, t.bad_step_window)
     meter = Meter(
         tokens_per_step=t.global_batch_size * t.seq_len,
@@ -103,7 +106,8 @@ def setup(config: Config, run_dir: Path, shard_dir: Path, *, driver_verified: bo
         device=device,
         engine=engine.initialize(model, t, ds_config),
         loader=make_loader(dataset, config, rank, world_size),
-        val_dataset=TokenDataset(shard_dir, "val"),
+        val_dataset=val_dataset,
+        val_windows=window_set(val_dataset, config.model.family, t.seq_len, config.eval.max_windows),
         sink=training_sink(run_dir, rank),
         meter=meter,
         health=health,
@@ -161,7 +165,7 @@ def train(run: Run, callbacks: list[Callback]) -> TrainResult:
     try:
         while run.step < t.max_steps and not run.stopping:
             started, lr = time.perf_counter(), engine.current_lr(run.engine)
-            loss, grad_norm = train_step(run.engine, run.loader, t.grad_accum_steps, run.device)
+            loss, grad_norm = train_step(run.engine, run.loader, t.grad_accum_steps, run.device, run.world_size)
             outcome = StepOutcome(
                 loss, grad_norm, lr, time.perf_counter() - started, skipped=step_was_bad(run.engine, t.precision, loss)
             )
@@ -176,17 +180,25 @@ def train(run: Run, callbacks: list[Callback]) -> TrainResult:
     return finish(run)
 
 
-def train_step(model_engine, loader: BatchLoader, accum_steps: int, device: torch.device):
-    """One optimizer step over `accum_steps` micro-batches; returns (mean loss, grad norm) unsynced.
-    The phases are labelled for the profiler (free when it is off)."""
+def train_step(model_engine, loader: BatchLoader, accum_steps: int, device: torch.device, world_size: int):
+    """One optimizer step over `accum_steps` micro-batches; returns (loss, grad norm) unsynced. The loss
+    is the mean over the step's target tokens on every rank (BERT's masked counts differ between
+    micro-batches), so micro-batch 4 x accumulation 2 gives micro-batch 8's gradients; the value
+    returned is this rank's share of it x world_size. The phases are labelled for the profiler."""
+    batches = [{k: v.to(device, non_blocking=True) for k, v in loader.next_batch().items()} for _ in range(accum_steps)]
+    targets = torch.stack([(batch["labels"] != IGNORE_INDEX).sum() for batch in batches]).sum().float()
+    dist.all_reduce(targets)  # one small all-reduce per step; nothing waits for the host
+    # DeepSpeed divides each micro-step's loss by accum_steps and averages gradients over ranks: undo both.
+    scale = accum_steps * world_size / targets
     total = torch.zeros((), device=device)
-    for micro_step in range(accum_steps):
-        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in loader.next_batch().items()}
+    for micro_step, batch in enumerate(batches):
+        labels = batch.pop("labels")
         with torch.profiler.record_function("forward"):
-            output = model_engine(**batch)
+            logits = model_engine(**batch).logits
+            loss = summed_cross_entropy(logits, labels) * scale
         with torch.profiler.record_function("backward"):
-            engine.backward(model_engine, output.loss, output.logits)
-        total += output.loss.detach()
+            engine.backward(model_engine, loss, logits)
+        total += loss.detach()
         if micro_step < accum_steps - 1:
             model_engine.step()  # DeepSpeed counts micro-steps; the update happens at the boundary below
     with torch.profiler.record_function("optimizer"):
@@ -194,19 +206,28 @@ def train_step(model_engine, loader: BatchLoader, accum_steps: int, device: torc
     return total / accum_steps, grad_norm
 
 
-@torch.no_grad()
-def evaluate(run: Run) -> float:
-    """Mean loss over the first eval_batches micro-batches per rank of the validation split, in order
-    (the same samples every time), averaged over ranks."""
-    loader = make_loader(run.val_dataset, run.config, run.rank, run.world_size, shuffle=False)
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Nats summed over the target tokens, in fp32 (bf16 logits round small probabilities away)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """`val/loss` and per-source losses over the fixed validation windows, the eval stage's too
+    (pipeline/eval/validation.py): the same figure at any world size and micro-batch."""
     run.engine.eval()
-    total = torch.zeros((), device=run.device)
-    for _ in range(run.config.train.eval_batches):
-        batch = {name: tensor.to(run.device) for name, tensor in loader.next_batch().items()}
-        total += run.engine(**batch).loss
+    sums = validate(
+        run.engine,
+        run.val_dataset,
+        run.val_windows,
+        scoring_for(run.config, run.val_dataset),
+        micro_batch_size=run.config.train.micro_batch_size,
+        rank=run.rank,
+        world_size=run.world_size,
+        device=run.device,
+        all_reduce=dist.all_reduce,
+    )
     run.engine.train()
-    dist.all_reduce(total)
-    return total.item() / (run.config.train.eval_batches * run.world_size)
+    return named_losses(sums, run.val_dataset.source_names())
 
 
 def finish(run: Run) -> TrainResult:

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.loader import BatchLoader, TokenDataset
+from pipeline.eval.validation import WindowSet
 from pipeline.tracking.journal import NullSink
 from pipeline.training.meter import Meter
 
@@ -55,6 +56,7 @@ class Run:
     engine: Any
     loader: BatchLoader
     val_dataset: TokenDataset
+    val_windows: WindowSet
     sink: NullSink
     meter: Meter
     health: Any  # pipeline.training.health.StepHealth, which imports this module

@@ -36,10 +36,9 @@ TINY = {
         "log_every": 1,
         "eval_every": 0,
         "checkpoint_every": 0,
-        "eval_batches": 2,
         "zero_stage": 1,
     },
-    "eval": {"batches": 2, "max_new_tokens": 8},
+    "eval": {"max_windows": 16, "max_new_tokens": 8},
     "tracking": {"experiment": EXPERIMENT},
 }
 SHORT = ["train.max_steps=10"]

@@ -230,7 +230,12 @@ def test_vocab_must_fit_the_model(tiny_shard_dir):
 
 def test_inspect(tiny_shard_dir):
     text = inspect_shards(tiny_shard_dir)
-    assert "train" in text and "val share:" in text and "bytes/token" in text and "builtin:python-stdlib" in text
+    assert (
+        "train" in text
+        and "val share:" in text
+        and "bytes/token" in text
+        and "source python-stdlib (builtin:python-stdlib):" in text
+    )
 
 
 @pytest.mark.parametrize("family", ["gpt", "bert"])
@@ -252,3 +257,19 @@ def test_document_ids_come_from_the_separators_without_changing_the_batch(family
             assert torch.equal(starts, separators[:, :-1])
         documents_per_window += (batch["document_ids"].max(dim=1).values + 1).tolist()
     assert max(documents_per_window) > 1  # some windows really hold several documents
+
+
+def test_minhash_signatures_agree_on_near_copies_and_inspect_reports_the_leak_count(tiny_shard_dir):
+    import numpy as np
+
+    from pipeline.data.near_duplicates import THRESHOLD, signature
+
+    rng = np.random.default_rng(0)
+    document = rng.integers(0, 512, 2000).astype(np.uint64)
+    copy = document.copy()
+    copy[1000:1010] = rng.integers(0, 512, 10).astype(np.uint64)  # 10 tokens edited: Jaccard ~0.95
+    other = rng.integers(0, 512, 2000).astype(np.uint64)
+    assert np.mean(signature(document) == signature(copy)) >= THRESHOLD
+    assert np.mean(signature(document) == signature(other)) < 0.2
+    report = inspect_shards(tiny_shard_dir)
+    assert "near-duplicates: " in report and "validation documents have a training document" in report

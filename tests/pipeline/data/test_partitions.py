@@ -81,6 +81,13 @@ def test_tail_of_line_documents_and_of_a_one_line_file(tmp_path):
     lines = [f"row {i}" for i in range(5000)]
     assert val == lines[len(lines) - len(val) :]  # a suffix of whole lines: the last 10% of the bytes
     assert sum(len(t) + 1 for t in val) == pytest.approx(0.1 * path.stat().st_size, abs=10)
-    (tmp_path / "one.txt").write_text("a single line without a break")
-    _, partitions = plan(tmp_path / "one.txt", 4096)
-    assert [p.split for p in partitions] == ["train"]  # nothing to cut at: the shard stage says so if val ends empty
+    line = " ".join(f"wörd{i}" for i in range(1000))  # one line: cut by bytes, after a space
+    (tmp_path / "one.txt").write_text(line)
+    source, partitions = plan(tmp_path / "one.txt", 1 << 20, val_permille=100)
+    assert [p.split for p in partitions] == ["train", "val"]
+    head, tail = (next(iter(PartitionReader(p, source))) for p in partitions)
+    assert (
+        head + tail == line
+        and head.endswith(" ")
+        and len(tail.encode()) == pytest.approx(0.1 * len(line.encode()), abs=12)
+    )

@@ -96,3 +96,25 @@ def test_corpus_identity_changes_when_a_file_changes(tmp_path):
     before = corpus_identity(config.data)
     text_file.write_text("different and longer content")
     assert corpus_identity(config.data) != before
+
+
+def test_the_split_keeps_near_copies_together_and_spreads_the_rest():
+    """The MinHash split key: a document and its near-copy (one line changed) share a key, so they share a
+    split; unrelated documents get independent keys, and about val_permille of them go to validation."""
+    import random
+
+    from pipeline.data.sources import split_key
+
+    rng = random.Random(0)
+    base = [" ".join(f"w{rng.randrange(5000)}" for _ in range(12)) for _ in range(60)]
+    same = 0
+    for trial in range(50):
+        lines = [f"{line} {trial}" for line in base]
+        copy = list(lines)
+        copy[rng.randrange(len(copy))] = "an edited line with other words entirely"
+        same += split_key("\n".join(lines)) == split_key("\n".join(copy))
+    assert same >= 45  # Jaccard ~0.96: the same key with probability ~0.96
+    keys = {split_key(" ".join(f"w{rng.randrange(10**6)}" for _ in range(50))) for _ in range(2000)}
+    assert len(keys) == 2000
+    share = sum(is_validation(" ".join(f"x{rng.randrange(10**6)}" for _ in range(30)), 100) for _ in range(4000))
+    assert 300 < share < 500  # 10% +- sampling noise

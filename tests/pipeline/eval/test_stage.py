@@ -38,7 +38,7 @@ def test_bits_per_byte_of_a_uniform_model_over_the_whole_val_split(tiny_shard_di
     """All-zero weights give all-zero logits: every token costs ln(vocab) nats, so bits per byte is
     log2(vocab) x tokens / bytes of the val split, read here straight from index.json."""
     config = tiny_config(
-        "gpt2", "train.seq_len=64", "train.micro_batch_size=16", "eval.batches=100000", "eval.max_new_tokens=2"
+        "gpt2", "train.seq_len=64", "train.micro_batch_size=16", "eval.max_windows=100000", "eval.max_new_tokens=2"
     )
     model = build_model(config)
     with torch.no_grad():
@@ -51,18 +51,19 @@ def test_bits_per_byte_of_a_uniform_model_over_the_whole_val_split(tiny_shard_di
     assert report["metrics"]["perplexity"] == pytest.approx(vocab)
     assert report["metrics"]["bits_per_byte"] == pytest.approx(math.log2(vocab) * val["tokens"] / val["source_bytes"])
     validation = report["validation"]
-    assert validation["bits_per_byte_exact"] and validation["windows"] == validation["split_windows"]
-    assert 0.95 < validation["coverage"] <= 1  # every window: all but each source's first token and tail
+    assert validation["whole_split"] and validation["windows"] == validation["split_windows"]
+    assert 0.95 < validation["scored_tokens"] / val["tokens"] <= 1  # all but each source's first token and tail
 
 
 def test_gpt_report_files_and_seeded_samples(tiny_shard_dir, tmp_path):
-    config = tiny_config("gpt2", "eval.batches=3", "eval.max_new_tokens=12", "eval.prompts=['def ', 'import ']")
+    config = tiny_config("gpt2", "eval.max_windows=12", "eval.max_new_tokens=12", "eval.prompts=['def ', 'import ']")
     model, tokenizer = random_model(config), load_tokenizer(tiny_shard_dir / "tokenizer")
     report = evaluate(config, model, tokenizer, tiny_shard_dir, tmp_path / "a")
     on_disk = json.loads((tmp_path / "a" / "eval" / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert set(report["metrics"]) == {"val_loss", "perplexity", "bits_per_byte"}
-    assert report["validation"]["scored_tokens"] == 3 * 4 * 32 and not report["validation"]["bits_per_byte_exact"]
+    assert report["validation"]["scored_tokens"] == 12 * 32 and not report["validation"]["whole_split"]
+    assert report["metrics"]["bits_per_byte"] > 0  # from the 12 scored windows' own bytes
     assert [s["prompt"] for s in report["samples"]] == ["def ", "import "]
     assert all(0 < s["new_tokens"] <= 12 for s in report["samples"])
     again = evaluate(config, model, tokenizer, tiny_shard_dir, tmp_path / "b")
@@ -73,7 +74,7 @@ def test_gpt_report_files_and_seeded_samples(tiny_shard_dir, tmp_path):
 
 
 def test_bert_report_has_mlm_accuracy_and_fill_mask_examples(tiny_bert_shard_dir, tmp_path):
-    config = tiny_config("bert", "eval.batches=2", "eval.prompts=['import os\nprint(os.getcwd())']")
+    config = tiny_config("bert", "eval.max_windows=8", "eval.prompts=['import os\nprint(os.getcwd())']")
     report = evaluate(
         config, random_model(config), load_tokenizer(tiny_bert_shard_dir / "tokenizer"), tiny_bert_shard_dir, tmp_path
     )
@@ -99,7 +100,8 @@ def test_lm_eval_runs_a_local_task_offline(tiny_shard_dir, tmp_path, monkeypatch
         "family": "gpt",
         "metrics": {},
         "validation": {
-            "batches": 1,
+            "whole_split": True,
+            "sources": {"python-stdlib": {}},
             "windows": 1,
             "split_windows": 1,
             "seq_len": 1,
@@ -127,7 +129,7 @@ def test_lm_eval_refuses_a_masked_lm(tiny_bert_shard_dir, tmp_path):
 def test_evaluate_run_on_a_trained_checkpoint_with_lm_eval(trained_run):
     config, run_dir, shard_dir = trained_run("gpt2")
     config = config.model_copy(deep=True)
-    config.eval.batches, config.eval.max_new_tokens = 4, 8
+    config.eval.max_windows, config.eval.max_new_tokens = 16, 8
     report = evaluate_run(
         config, run_dir, shard_dir, shard_dir / "tokenizer", lm_eval_tasks=[TINY_TASK], lm_eval_include=LM_EVAL_TASKS
     )

@@ -38,7 +38,7 @@ TINY = [
     "train.log_every=2",
     "train.eval_every=10",
     "train.checkpoint_every=10",
-    "eval.batches=2",
+    "eval.max_windows=32",
     "eval.max_new_tokens=8",
     "cluster.num_workers=2",
 ]

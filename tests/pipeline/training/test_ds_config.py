@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.training.ds_config import MAX_BUCKET, MIN_BUCKET, bucket_sizes, deepspeed_config
 
 SIZE = {"num_parameters": 124_000_000, "d_model": 768}
@@ -64,6 +67,66 @@ def test_precisions():
     fp16 = derive("train.precision=fp16")["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
     assert derive(on_gpu=True)["optimizer"]["params"]["fused"] is True
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_accumulates_and_reduces_gradients_in_fp32(precision):
+    ds = derive(f"train.precision={precision}")
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    assert "data_types" not in derive() and "communication_data_type" not in derive()  # fp32 needs neither
+
+
+def test_half_precision_at_zero_stage_0_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"train.precision=bf16 accumulates .* set train.zero_stage=1"):
+        load_config(None, ["train.precision=bf16", "train.zero_stage=0"])
+    load_config(None, ["train.precision=bf16", "train.zero_stage=1"])  # the fix
+
+
+ENGINE_DTYPES = """
+import json, os, sys
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0",
+                  WORLD_SIZE="1")
+from pipeline.config import load_config
+from pipeline.training import engine
+from pipeline.training.ds_config import deepspeed_config
+from pipeline.training.modeling import build_model
+engine.init_distributed()
+for stage in (1, 2, 3):
+    config = load_config(None, ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "tokenizer.vocab_size=300",
+        "train.precision=bf16", f"train.zero_stage={stage}", "cluster.num_workers=1", "train.grad_accum_steps=2"])
+    model_engine = engine.initialize(build_model(config), config.train, deepspeed_config(config.train, 1,
+        num_parameters=10**5, d_model=32))
+    optimizer = model_engine.optimizer
+    names = ("fp32_groups_flat_partition", "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+    masters = next(getattr(optimizer, name) for name in names if hasattr(optimizer, name))
+    print(json.dumps({"stage": stage, "optimizer": type(optimizer).__name__,
+        "masters": sorted({str(t.dtype) for t in masters}), "accumulation": str(model_engine.get_data_types()[1]),
+        "reduction": str(model_engine.communication_data_type)}))
+"""
+OPTIMIZERS = {1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
+
+
+@pytest.mark.slow
+def test_a_real_bf16_engine_keeps_fp32_master_weights_and_fp32_gradient_accumulation():
+    result = subprocess.run(
+        [sys.executable, "-c", ENGINE_DTYPES, "x", "29541"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    engines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert engines == [
+        {
+            "stage": stage,
+            "optimizer": OPTIMIZERS[stage],
+            "masters": ["torch.float32"],
+            "accumulation": "torch.float32",
+            "reduction": "torch.float32",
+        }
+        for stage in (1, 2, 3)
+    ]
 
 
 def test_universal_loading_is_opt_in():
