@@ -110,7 +110,8 @@ class SourceConfig(Section):
     validation: Literal["auto", "hash", "tail"] = Field(
         "auto",
         description="How this source's text reaches the validation split. `hash`: data.val_permille of its "
-        "documents, by a stable hash of each document's text. `tail`: the last data.val_permille of each file's "
+        "documents, by a stable hash of each document's MinHash key (near-copies stay together). `tail`: the "
+        "last data.val_permille of each file's "
         "bytes, cut at a line boundary (plain text and uncompressed JSONL only), the rule for a corpus of few "
         "documents such as one input.txt. `auto`: `tail` for plain text read one document per file when fewer "
         "than 10 files would fall into validation by hash, `hash` otherwise.",
@@ -128,7 +129,7 @@ class DataConfig(Section):
         ge=0,
         le=500,
         description="Per thousand of the corpus assigned to validation: documents by a stable hash of their "
-        "text, or the tail of each file (see data.sources[].validation).",
+        "MinHash key (near-copies stay together), or the tail of each file (see data.sources[].validation).",
     )
     shard_tokens: int = Field(16_777_216, gt=0, description="Target number of tokens per shard file.")
     num_workers: int = Field(

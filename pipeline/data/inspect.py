@@ -36,7 +36,8 @@ def inspect_shards(shard_dir: str | Path) -> str:
     )
     for source in index["sources"]:
         lines.append(
-            f"source {source['name']} ({source.get('path', source['name'])}): weight {source['weight']:g} -> {source['target_share']:.1%} of "
+            f"source {source['name']} ({source.get('path', source['name'])}): weight {source['weight']:g} -> "
+            f"{source['target_share']:.1%} of "
             f"training tokens (natural {source['natural_share']:.1%}), {source['documents']:,} documents, "
             f"{source['train_tokens']:,} train tokens, {source['invalid_utf8_bytes']} invalid UTF-8 bytes, "
             f"validation by {source.get('validation', 'hash')}, {source.get('partitions', '?')} partitions"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, RunStopped, StageFailed, UserError
-from pipeline.run.artifacts import StageResult, read_manifest
+from pipeline.run.artifacts import StageResult, atomic_write_json, read_manifest
 from pipeline.run.guard import run_lock, writable_run_dir
 from pipeline.run.rundir import (
     CONFIG_FILE,
@@ -47,7 +47,15 @@ from pipeline.run.rundir import (
     save_traceback,
 )
 from pipeline.run.runtime import ray_connection, remote_cause
-from pipeline.training.checkpoint import checkpoints_dir, resume_point, select_intact, write_checkpoint_manifest
+from pipeline.training.checkpoint import (
+    CHECKPOINT_MANIFEST,
+    checkpoints_dir,
+    complete_checkpoints,
+    latest_tag,
+    read_trainer_state,
+    resume_point,
+    select_intact,
+)
 
 
 @dataclass
@@ -230,6 +238,28 @@ def _eval(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutpu
     remote = ray.remote(num_cpus=1, num_gpus=1 if config.cluster.use_gpu else 0)(evaluate_run)
     report = ray.get(remote.remote(config, run_dir, state.output("shard"), state.output("tokenizer")))
     return log_eval_artifacts(tracker, run_dir, report)
+
+
+def write_checkpoint_manifest(run_dir: Path) -> Path:
+    """`checkpoints/manifest.json`: every complete checkpoint's step, tokens seen, world size and files
+    with their sizes, and which one `latest` names (the weights stay out of MLflow: they can be large)."""
+    entries = []
+    for path in complete_checkpoints(run_dir):
+        trainer = read_trainer_state(path)
+        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+        entries.append(
+            {
+                "tag": path.name,
+                "step": trainer["step"],
+                "tokens_seen": trainer["tokens_seen"],
+                "world_size": trainer["world_size"],
+                "bytes": sum(files.values()),
+                "files": files,
+            }
+        )
+    manifest = checkpoints_dir(run_dir) / CHECKPOINT_MANIFEST
+    atomic_write_json(manifest, {"latest": latest_tag(run_dir), "checkpoints": entries})
+    return manifest
 
 
 def log_eval_artifacts(tracker, run_dir: Path, report: dict) -> StageOutput:

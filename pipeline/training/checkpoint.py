@@ -204,28 +204,6 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
 
 
-def write_checkpoint_manifest(run_dir: Path) -> Path:
-    """`checkpoints/manifest.json`: every complete checkpoint's step, tokens seen, world size and files
-    with their sizes, and which one `latest` names (the weights stay out of MLflow: they can be large)."""
-    entries = []
-    for path in complete_checkpoints(run_dir):
-        trainer = read_trainer_state(path)
-        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
-        entries.append(
-            {
-                "tag": path.name,
-                "step": trainer["step"],
-                "tokens_seen": trainer["tokens_seen"],
-                "world_size": trainer["world_size"],
-                "bytes": sum(files.values()),
-                "files": files,
-            }
-        )
-    manifest = checkpoints_dir(run_dir) / CHECKPOINT_MANIFEST
-    atomic_write_json(manifest, {"latest": latest_tag(run_dir), "checkpoints": entries})
-    return manifest
-
-
 # ---------------------------------------------------------------------------------------------
 # Resume checks
 

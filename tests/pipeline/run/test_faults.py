@@ -130,6 +130,8 @@ def branch_from(source: Path, tag_step: int, run_dir: Path, overrides: list[str]
     state = json.loads(state_file.read_text())
     state["loader"]["samples_consumed"] = samples_consumed
     state_file.write_text(json.dumps(state))
+    files = checkpoint.file_digests(state_file.parent)  # a deliberate edit: record the new checksums
+    (state_file.parent / checkpoint.CHECKSUMS).write_text(json.dumps({"files": files}))
     (checkpoint.checkpoints_dir(run_dir) / checkpoint.LATEST).write_text(tag + "\n")
     return run_dir
 
@@ -499,6 +501,9 @@ def test_checkpoint_with_pickled_code_is_refused_by_every_loader(trained, tiny_b
     torch.save({**saved, "extra": Payload(marker)}, states)
     with pytest.raises(CheckpointError, match=rf"^refusing to load {re.escape(str(states))}: it pickles posix.system"):
         consolidated_state_dict(checkpoint.checkpoints_dir(run_dir), tag)
+    # A tamperer who also rewrites checksums.json gets past the checksums; the pickle check still refuses.
+    files = checkpoint.file_digests(states.parent)
+    (states.parent / checkpoint.CHECKSUMS).write_text(json.dumps({"files": files}))
     make_run_dir(run_dir, [*BERT, "train.checkpoint_every=5", "train.max_steps=14"])
     output = failing_run(run_dir, tiny_bert_shard_dir, tmp_path / "tmp")
     assert f"error: refusing to load {states}" in output
