@@ -24,7 +24,7 @@ from pipeline.run.rundir import LOCK_FILE
 
 
 def writable_run_dir(run_dir: Path) -> Path:
-    """Create the run directory (and its parents) and probe that a file can be written in it."""
+    """Create a directory of the run (and its parents) and probe that a file can be written in it."""
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

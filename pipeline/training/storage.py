@@ -9,13 +9,13 @@ still names the previous checkpoint, which stays intact, and the partial directo
 from __future__ import annotations
 
 import shutil
-import tempfile
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import StorageError
+from pipeline.run.guard import writable_run_dir
 
 
 @contextmanager
@@ -64,15 +64,7 @@ def check_storage(root: Path, checkpoint_bytes: int, keep: int, existing: int) -
     """Before training: the checkpoints directory is writable and its filesystem has room for what the
     run will hold at once: `keep` checkpoints plus the one being written (existing complete ones
     count as already written). `root` is the checkpoints directory, `existing` its complete checkpoints."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):
-            pass
-    except OSError as exc:
-        raise StorageError(
-            f"{root} is not writable ({exc.strerror or exc}); make it writable or set run.workdir "
-            "to a writable directory"
-        ) from None
+    writable_run_dir(root)
     needed, free = checkpoint_bytes * (keep + 1 - min(existing, keep)), shutil.disk_usage(root).free
     if needed > free:
         raise StorageError(

@@ -377,7 +377,7 @@ def test_unwritable_run_dir_is_refused_before_ray_starts(tiny_shard_dir, tmp_pat
         started = time.monotonic()
         with pytest.raises(
             StorageError,
-            match=rf"^{re.escape(str(run_dir / 'checkpoints'))} is not writable "
+            match=rf"^{re.escape(str(run_dir / 'checkpoints'))} cannot be created or written "
             r"\(.+\); make it writable or set run.workdir to a writable directory$",
         ):
             run_training(load_config(None, TINY), tiny_shard_dir, run_dir)
