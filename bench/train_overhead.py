@@ -37,9 +37,10 @@ from loader import VOCAB, synthetic_shards  # noqa: E402  (bench/loader.py)
 
 from pipeline.config import dump_config, load_config  # noqa: E402
 from pipeline.data.loader import TokenDataset  # noqa: E402
-from pipeline.training.engine import lr_multiplier, param_groups  # noqa: E402
+from pipeline.training.engine import param_groups  # noqa: E402
 from pipeline.training.loop import make_loader, setup, train  # noqa: E402
 from pipeline.training.modeling import build_model  # noqa: E402
+from pipeline.training.schedule import lr_multiplier  # noqa: E402
 
 MODEL = [
     "model.d_model=256",
@@ -72,9 +73,7 @@ def bare_loop(config, shard_dir: Path):
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_multiplier(
-            step, warmup_steps=t.warmup_steps, max_steps=t.max_steps, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio
-        ),
+        lambda step: lr_multiplier(step, t),
     )
     loader = make_loader(TokenDataset(shard_dir), config, rank=0, world_size=1)
     steps = yield

@@ -1,5 +1,6 @@
 """The experiment config: typed sections, derived values, the override language, YAML I/O, reference.
 
+    base.py       the Section base model and the validators' shared helpers
     sections.py   one pydantic model per YAML section (run, data, tokenizer, model, train, eval, ...)
     schema.py     the root `Config` that holds them and resolves derived values on validation
     derived.py    derived values and the batch arithmetic (global = micro x accum x data-parallel size)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from pipeline.config.sections import TrainConfig, check
+from pipeline.config.base import check
+from pipeline.config.sections import TrainConfig
 
 if TYPE_CHECKING:
     from pipeline.config.schema import Config
@@ -65,6 +66,12 @@ def resolve_budget(t: TrainConfig) -> None:
         )
     t.max_steps = t.max_steps or max(1, (t.max_tokens or 1000 * tokens_per_step) // tokens_per_step)
     check(t.warmup_steps <= t.max_steps, f"train.warmup_steps={t.warmup_steps} exceeds train.max_steps={t.max_steps}")
+    decay_steps = round(t.decay_fraction * t.max_steps)
+    check(
+        t.schedule != "wsd" or t.warmup_steps + decay_steps <= t.max_steps,
+        f"train.warmup_steps={t.warmup_steps} and the WSD decay ({decay_steps} steps, train.decay_fraction="
+        f"{t.decay_fraction} of train.max_steps={t.max_steps}) overlap; lower one of them or raise train.max_steps",
+    )
 
 
 def resolve_batch(t: TrainConfig, dp: int) -> None:

@@ -8,9 +8,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from pipeline.config.base import shown
 from pipeline.config.overrides import apply_override, dotted, lookup, model_at, parse_override, suggest, yaml_value
 from pipeline.config.schema import Config
-from pipeline.config.sections import SECTIONS, shown
+from pipeline.config.sections import SECTIONS
 from pipeline.errors import ConfigError
 
 

@@ -11,8 +11,9 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel
 
+from pipeline.config.base import shown
 from pipeline.config.schema import Config
-from pipeline.config.sections import SECTIONS, shown
+from pipeline.config.sections import SECTIONS
 from pipeline.errors import ConfigError
 
 

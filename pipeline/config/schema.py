@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr, model_validator
 
+from pipeline.config.base import Section
 from pipeline.config.derived import resolve_derived, unset_derivable_keys
 from pipeline.config.sections import (
     ClusterConfig,
@@ -13,7 +14,6 @@ from pipeline.config.sections import (
     EvalConfig,
     ModelConfig,
     RunConfig,
-    Section,
     TokenizerConfig,
     TrackingConfig,
     TrainConfig,

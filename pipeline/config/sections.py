@@ -6,62 +6,12 @@ message names the key and the fix. The root model that holds the sections is in 
 
 from __future__ import annotations
 
-import math
 import re
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, field_validator, model_validator
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """YAML reads true/false/yes/no/on/off as booleans, which pydantic would take as 1 and 0."""
-        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
-            raise PydanticCustomError(
-                "bool_number", "expected a number, not a boolean (YAML reads true/false/yes/no/on/off as booleans)"
-            )
-        return value
-
-
-def _is_number(annotation: Any) -> bool:
-    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType, Literal) else (annotation,)
-    return any(option in (int, float) or type(option) is int for option in options)
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def shown(value: Any) -> str:
-    """A value as a message quotes it: its repr, cut to 80 characters."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _check_json(value: Any, key: str, open_ids: set[int]) -> None:
-    """DeepSpeed configs are JSON: strings, finite numbers, booleans, null, lists, string-keyed mappings."""
-    if isinstance(value, (dict, list)):
-        check(id(value) not in open_ids, f"{key} contains itself (a YAML alias loop); write it out")
-        open_ids.add(id(value))
-        for item_key, item in value.items() if isinstance(value, dict) else enumerate(value):
-            check(
-                isinstance(item_key, str) or isinstance(value, list),
-                f"{key} has the non-string key {item_key!r}; quote it",
-            )
-            _check_json(item, f"{key}.{item_key}", open_ids)
-        open_ids.discard(id(value))
-        return
-    check(
-        value is None or isinstance(value, (str, int)) or isinstance(value, float) and math.isfinite(value),
-        f"{key}={shown(value)} is not a JSON value (string, finite number, boolean, null, list or mapping); quote it",
-    )
+from pipeline.config.base import Section, _check_json, check
 
 
 class RunConfig(Section):
@@ -154,14 +104,22 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _names_differ(self) -> DataConfig:
-        names = [source_name(source) for source in self.sources]
+        names = [source.name for source in self.sources]
         for position, name in enumerate(names):
             check(
-                names.index(name) == position,
+                name is None or names.index(name) == position,
                 f"data.sources[{names.index(name)}] and data.sources[{position}] are both named `{name}`; give "
-                f"one a name of its own (data.sources[{position}].name=...)",
+                f"one another name (data.sources[{position}].name=...)",
             )
         return self
+
+    def source_names(self) -> list[str]:
+        """Every source's name (`source_name`); a derived name that another source has too gets `-<position>`."""
+        names = [source_name(source) for source in self.sources]
+        return [
+            name if source.name or names.count(name) == 1 else f"{name}-{position}"
+            for position, (name, source) in enumerate(zip(names, self.sources))
+        ]
 
 
 def source_name(source: SourceConfig) -> str:
@@ -284,9 +242,15 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to lr.")
-    schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Decay after warmup down to min_lr_ratio x lr."
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine",
+        description="Decay after warmup down to min_lr_ratio x lr; `wsd` (warmup-stable-decay) holds the peak "
+        "and decays over the last train.decay_fraction of the steps.",
     )
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="WSD: the share of train.max_steps, at the end, over which the rate decays."
+    )
+    decay_shape: Literal["linear", "1-sqrt"] = Field("linear", description="WSD: the shape of the decay.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay; norms, biases and embeddings get none.")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.config.sections import source_name
 from pipeline.data.partitions import SPLIT_BY_HASH, Partition
 from pipeline.data.shards import (
     INDEX_FILE,
@@ -171,7 +170,7 @@ def _source_summary(config: Config, position: int, plan: list[Partition], ordere
     total_weight = sum(s.weight for s in config.data.sources)
     tail = any(p.split != SPLIT_BY_HASH for p in plan if p.source == position)
     return {
-        "name": source_name(source),
+        "name": config.data.source_names()[position],
         "path": source.path,
         **read,
         "weight": source.weight,

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 RETRY_INTERVAL_S = 60.0
 LIVE_SYNC_INTERVAL_S = 5.0
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow 3 opens an experiment in the view its kind names: the model-training one, not GenAI traces.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow refuses more than 10 retries per request.
 MLFLOW_MAX_RETRIES_LIMIT = 10
 # Errors that mean MLflow will never accept this request; anything else is an outage worth retrying.
@@ -215,7 +217,7 @@ class MlflowTracker(LocalRun):
             # Without a location MLflow would put a sqlite store's artifacts in ./mlruns of the cwd.
             location = (db.parent / "mlartifacts").as_uri() if db else None
             try:
-                return self._client.create_experiment(name, artifact_location=location)
+                return self._client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
             except MlflowException:  # another process created it in the meantime
                 experiment = self._client.get_experiment_by_name(name)
                 if experiment is None:

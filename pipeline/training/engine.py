@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from models.layers import init_weights  # noqa: E402
 from pipeline.config import Config, TrainConfig  # noqa: E402
 from pipeline.errors import CheckpointError  # noqa: E402
 from pipeline.training.modeling import build_model  # noqa: E402
+from pipeline.training.schedule import lr_multiplier  # noqa: E402
 
 # The non-tensor types DeepSpeed pickles into its checkpoints (ZeRO optimizer states, loss scalers):
 # plain data holders whose unpickling runs no code of the file's choosing.
@@ -68,30 +68,11 @@ def init_distributed() -> torch.device:
     return torch.device("cpu")
 
 
-def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Learning rate of optimizer step `step` (0-based) as a fraction of the peak: linear warmup over
-    `warmup_steps` steps ((step+1)/warmup, so the first step already learns), then cosine, linear or
-    constant decay that reaches `min_lr_ratio` at `max_steps` and stays there."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
-
-
 def lr_schedule(train: TrainConfig):
     """A callable DeepSpeed turns into the scheduler: LambdaLR over `lr_multiplier`."""
 
     def multiplier(step: int) -> float:
-        return lr_multiplier(
-            step,
-            warmup_steps=train.warmup_steps,
-            max_steps=train.max_steps,
-            schedule=train.schedule,
-            min_lr_ratio=train.min_lr_ratio,
-        )
+        return lr_multiplier(step, train)
 
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 

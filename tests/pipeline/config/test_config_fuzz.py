@@ -65,6 +65,9 @@ COUPLED = {
     "train.zero_stage",
     "train.offload_params",
     "train.offload_optimizer",
+    "train.precision",
+    "train.schedule",
+    "train.decay_fraction",
     "cluster.num_workers",
 }
 NAMES = sorted(set(SECTIONS) | {key.rsplit(".", 1)[1] for key in FIELDS})
@@ -181,13 +184,15 @@ def valid_values(field) -> st.SearchStrategy:
             allow_infinity=False,
         )
     elif kind is str:
-        values = text
+        pattern = next((rule.pattern for rule in field.metadata if getattr(rule, "pattern", None)), None)
+        values = st.from_regex(pattern, fullmatch=True) if pattern else text
     elif get_origin(kind) is Literal:
         values = st.sampled_from(get_args(kind))
     elif kind == list[str]:
         values = st.lists(text, max_size=3)
     elif kind == list[SourceConfig]:
-        values = st.lists(sources, min_size=1, max_size=3)
+        # explicit source names must differ (derived ones are made to)
+        values = st.lists(sources, min_size=1, max_size=3, unique_by=lambda s: s.get("name") or id(s))
     else:
         assert kind == dict[str, Any], kind
         values = st.dictionaries(text, json_values, max_size=3)
@@ -299,6 +304,11 @@ def valid_raw_configs(draw) -> dict[str, Any]:
     train["zero_stage"] = draw(st.sampled_from([0, 1, 2, 3]))
     train["offload_params"] = train["zero_stage"] == 3 and draw(st.booleans())
     train["offload_optimizer"] = train["zero_stage"] >= 1 and draw(st.booleans())
+    train["precision"] = draw(st.sampled_from(["fp32", "bf16", "fp16"])) if train["zero_stage"] else "fp32"
+    total = steps if budget != "default" else 1000
+    wsd_fits = train["warmup_steps"] <= total // 2
+    train["schedule"] = draw(st.sampled_from(["cosine", "linear", "constant"] + (["wsd"] if wsd_fits else [])))
+    train["decay_fraction"] = draw(st.floats(0.001, 0.5))
     return raw
 
 

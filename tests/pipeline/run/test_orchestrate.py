@@ -100,6 +100,7 @@ def test_mlflow_run_holds_params_a_falling_loss_eval_metrics_and_artifacts(two_r
     run_dir = workdir / "runs" / "first"
     client, run = mlflow_run(workdir, run_dir)
     assert run.info.status == "FINISHED" and run.info.run_name == "first"
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.params["model.d_model"] == "64" and run.data.params["cluster.num_workers"] == "2"
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     steps = [m.step for m in losses]

@@ -9,14 +9,17 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.training.engine import enable_activation_checkpointing, lr_multiplier, param_groups
+from pipeline.errors import ConfigError
+from pipeline.training.engine import enable_activation_checkpointing, param_groups
 from pipeline.training.modeling import build_model
+from pipeline.training.schedule import lr_multiplier
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=16", "tokenizer.vocab_size=320"]
 
 
-def schedule(step, *, warmup=10, max_steps=110, kind="cosine", min_ratio=0.1):
-    return lr_multiplier(step, warmup_steps=warmup, max_steps=max_steps, schedule=kind, min_lr_ratio=min_ratio)
+def schedule(step, *, warmup=10, max_steps=110, kind="cosine", min_ratio=0.1, **wsd):
+    keys = {"warmup_steps": warmup, "max_steps": max_steps, "schedule": kind, "min_lr_ratio": min_ratio, **wsd}
+    return lr_multiplier(step, load_config(None, [f"train.{key}={value}" for key, value in keys.items()]).train)
 
 
 def test_warmup_is_linear_and_the_first_step_learns():
@@ -30,6 +33,21 @@ def test_decay_reaches_min_lr_ratio_at_max_steps(kind, midpoint):
     end = 1.0 if kind == "constant" else 0.1
     assert schedule(110, kind=kind) == pytest.approx(end)
     assert schedule(500, kind=kind) == pytest.approx(end)  # max_steps raised on resume: stays at the floor
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_holds_the_peak_then_decays_over_its_last_fraction(shape):
+    wsd = {"kind": "wsd", "decay_fraction": 0.2, "decay_shape": shape}  # 110 steps: decay from step 88
+    assert [schedule(s, **wsd) for s in (9, 10, 50, 87, 88)] == pytest.approx([1.0] * 5)
+    progress = (99 - 88) / 22
+    decay = 1 - progress if shape == "linear" else 1 - math.sqrt(progress)
+    assert schedule(99, **wsd) == pytest.approx(0.1 + 0.9 * decay)
+    assert schedule(110, **wsd) == pytest.approx(0.1) and schedule(300, **wsd) == pytest.approx(0.1)
+
+
+def test_wsd_needs_room_for_warmup_and_decay():
+    with pytest.raises(ConfigError, match=r"train.warmup_steps=90 and the WSD decay .* overlap"):
+        load_config(None, ["train.schedule=wsd", "train.warmup_steps=90", "train.max_steps=100"])
 
 
 def test_cosine_shape_and_no_warmup():

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import load_config
 from pipeline.tracking.journal import jsonl_records
 from pipeline.tracking.names import METRIC_VAL_LOSS
 from pipeline.training import checkpoint
-from pipeline.training.engine import lr_multiplier
+from pipeline.training.schedule import lr_multiplier
 from tests.pipeline.training.test_train import losses, make_run_dir, train_with_torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -22,7 +23,9 @@ BASE = ["train.zero_stage=2", "train.checkpoint_every=0", "train.eval_every=0"]
 CHANGED = {
     "train.max_steps": 18,
     "train.lr": 0.01,
-    "train.schedule": "linear",
+    "train.schedule": "wsd",
+    "train.decay_fraction": 0.5,
+    "train.decay_shape": "1-sqrt",
     "train.min_lr_ratio": 0.5,
     "train.warmup_steps": 4,
     "train.weight_decay": 0.05,
@@ -60,16 +63,20 @@ def logged_lr(run_dir: Path) -> dict[int, float]:
     return {step: value for step, value in losses(run_dir, "train/lr").items() if step > 10}
 
 
-@pytest.mark.parametrize("key", ["train.lr", "train.schedule", "train.min_lr_ratio", "train.warmup_steps"])
+@pytest.mark.parametrize(
+    "key", ["train.lr", "train.schedule", "train.min_lr_ratio", "train.warmup_steps", "train.decay_fraction"]
+)
 def test_learning_rate_and_schedule_changes_reach_the_logged_lr(resumed, key):
     run_dir, output = resumed
     assert f"resume: {key} changed from" in output
     lr = logged_lr(run_dir)
     assert sorted(lr) == [12, 16, 18]  # every 4 steps, and the last, shorter window
+    train = load_config(run_dir / "config.yaml").train
     for step, value in lr.items():  # the value logged at step s is the lr of optimizer step s-1 (0-based)
-        expected = 0.01 * lr_multiplier(step - 1, warmup_steps=4, max_steps=18, schedule="linear", min_lr_ratio=0.5)
-        assert value == pytest.approx(expected, rel=1e-6), step
-    assert lr[18] == pytest.approx(0.01 * 0.5 * (1 + 1 / 14), rel=1e-6)  # linear, not cosine towards 0.5
+        assert value == pytest.approx(0.01 * lr_multiplier(step - 1, train), rel=1e-6), step
+    # WSD over 18 steps: the peak until step 9, then 1-sqrt decay to 0.5 x lr over the last 9 steps.
+    assert lr[12] == pytest.approx(0.01 * (0.5 + 0.5 * (1 - (2 / 9) ** 0.5)), rel=1e-6)
+    assert lr[18] == pytest.approx(0.01 * (0.5 + 0.5 * (1 - (8 / 9) ** 0.5)), rel=1e-6)
 
 
 @pytest.mark.parametrize(
