@@ -19,7 +19,7 @@ from pipeline.run.rundir import PROFILE_DIR
 from pipeline.tracking.names import METRIC_VAL_LOSS
 from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.health import StepHealth
-from pipeline.training.requests import CHECKPOINT_AND_STOP, CheckpointRequests
+from pipeline.training.requests import CHECKPOINT_AND_STOP, NO_REQUEST, CheckpointRequests
 from pipeline.training.run import Callback, Run, StepOutcome
 
 
@@ -57,17 +57,21 @@ class Validator(Callback):
 
 class Checkpointer(Callback):
     """A checkpoint every train.checkpoint_every steps, at the last step, and on request (SIGUSR1; SIGTERM
-    also stops training after it). Ranks agree on requests with one all-reduce per step."""
+    and Ctrl-C also stop training after it). Ranks agree on requests with one small all-reduce, read on
+    the host, only every `check_every` steps (train.log_every, where the metrics sync anyway) and at
+    checkpoint steps: a host sync per step would stall a GPU's queue of kernels."""
 
-    def __init__(self, every: int, requests: CheckpointRequests):
-        self.every, self.requests = every, requests
+    def __init__(self, every: int, requests: CheckpointRequests, check_every: int):
+        self.every, self.requests, self.check_every = every, requests, check_every
 
     def after_step(self, run: Run, outcome: StepOutcome) -> None:
-        request = self.requests.agreed(run.device)
+        scheduled = run.step == run.config.train.max_steps or (self.every and run.step % self.every == 0)
+        due = scheduled or run.step % self.check_every == 0
+        request = self.requests.agreed(run.device) if due else NO_REQUEST
         run.stopping = run.stopping or request == CHECKPOINT_AND_STOP
         if outcome.rolled_back:  # the checkpoint just loaded is the one to stop at
             return
-        if request or run.step == run.config.train.max_steps or (self.every and run.step % self.every == 0):
+        if request or scheduled:
             save_checkpoint(run)
 
     def close(self, run: Run) -> None:
@@ -124,7 +128,7 @@ def default_callbacks(
         health,
         MetricsLogger(t.log_every),
         Validator(t.eval_every, evaluate),
-        Checkpointer(t.checkpoint_every, CheckpointRequests(run_dir, rank)),
+        Checkpointer(t.checkpoint_every, CheckpointRequests(run_dir, rank), check_every=t.log_every),
     ]
     if t.profile_at_step is not None:
         callbacks.append(Profiler(t.profile_at_step, t.profile_steps, run_dir))
