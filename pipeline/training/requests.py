@@ -1,4 +1,4 @@
-"""Checkpoint requests: SIGUSR1 asks for a checkpoint at the next step boundary, SIGTERM and the first
+"""Checkpoint requests: SIGUSR1 asks for a checkpoint at the next check (see Checkpointer), SIGTERM and the first
 SIGINT (Ctrl-C) for a checkpoint and a clean stop; a second SIGINT stops at once.
 
 A rank installs the handlers itself when it runs in the main thread (torchrun). Ray runs the training
@@ -66,7 +66,7 @@ class Forwarded:
 @contextmanager
 def forward_signals(run_dir: Path, echo=print) -> Iterator[Forwarded]:
     """While workers train, SIGUSR1/SIGTERM to this driver become a checkpoint request file. The first
-    SIGINT (Ctrl-C) does what SIGTERM does, a checkpoint at the next step boundary and a stop; a second
+    SIGINT (Ctrl-C) does what SIGTERM does, a checkpoint at the next check and a stop; a second
     one stops at once (KeyboardInterrupt; `latest` still names the last complete checkpoint)."""
     forwarded = Forwarded()
 
@@ -75,7 +75,7 @@ def forward_signals(run_dir: Path, echo=print) -> Iterator[Forwarded]:
             if forwarded.interrupted:
                 raise KeyboardInterrupt
             forwarded.interrupted = True
-            echo("interrupt: writing a checkpoint at the next step boundary, then stopping (Ctrl-C again: stop now)")
+            echo("interrupt: writing a checkpoint within train.log_every steps, then stopping (Ctrl-C again: stop now)")
         stop = signum in (signal.SIGTERM, signal.SIGINT)
         atomic_write_text(Path(run_dir) / REQUEST_FILE, _STOP_WORD if stop else "checkpoint")
 

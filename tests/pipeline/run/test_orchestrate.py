@@ -274,7 +274,7 @@ def test_one_run_per_directory_and_ctrl_c_checkpoints_then_a_refused_resume_writ
     code = process.wait(timeout=300)
     log = (tmp_path / "run.log").read_text()
     assert code == 130, log[-4000:]
-    assert "interrupt: writing a checkpoint at the next step boundary" in log
+    assert "interrupt: writing a checkpoint within train.log_every steps, then stopping" in log
     assert "interrupted: run interrupted (Ctrl-C) at step" in log and f"`pretrain resume {run_dir}`" in log
     assert "Traceback" not in log
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
