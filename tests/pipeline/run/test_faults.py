@@ -71,8 +71,10 @@ SAMPLES_PER_STEP = 16  # TINY: micro-batch 8 x 2 ranks
 
 
 def poison_shards(shard_dir: Path, out: Path, steps: tuple[int, ...], overrides: list[str]) -> Path:
-    """A copy of shard_dir in which rank 1's micro-batch of each of `steps` (epoch 0, no accumulation)
-    holds only the separator token, with index.json's checksums updated: a consistent, bad corpus."""
+    """A copy of shard_dir in which every micro-batch of each of `steps` (epoch 0, no accumulation) holds
+    only the separator token, with index.json's checksums updated: a consistent, bad corpus. BERT masks no
+    special token, so those steps have no target token on any rank: their loss, nats over zero tokens,
+    is not finite (one rank's empty micro-batch alone is fine: the loss is weighted over the step)."""
     shutil.copytree(shard_dir, out)
     config = load_config(None, [*TINY, *overrides])
     t, dataset = config.train, TokenDataset(out, "train")
@@ -82,8 +84,8 @@ def poison_shards(shard_dir: Path, out: Path, steps: tuple[int, ...], overrides:
     )
     offsets = np.concatenate([[0], np.cumsum(windows)])
     for step in steps:
-        first = (step - 1) * SAMPLES_PER_STEP + t.micro_batch_size  # rank 1's half of the step
-        for window in table[first : first + t.micro_batch_size]:
+        first = (step - 1) * SAMPLES_PER_STEP  # both ranks' micro-batches of the step
+        for window in table[first : first + SAMPLES_PER_STEP]:
             source = int(np.searchsorted(offsets, window, side="right")) - 1
             _overwrite(
                 dataset, source, int(window - offsets[source]) * t.seq_len, t.seq_len, dataset.index["separator_id"]
