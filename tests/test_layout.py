@@ -1,5 +1,5 @@
 """The layout enforces the architecture of ../shared/DESIGN.md: every import of the project's modules,
-function-level ones included, read from the source with `ast`.
+function-level and type-only ones included, read from the source with `ast`.
 
 - no import cycle between modules;
 - lower layers never import higher ones: errors <- config <- run.{artifacts,runtime,rundir} <- data,
@@ -49,28 +49,16 @@ def project_modules() -> dict[str, Path]:
 
 
 def imports_of(path: Path) -> set[str]:
-    """Every module name an import statement anywhere in the file names (module level or in functions),
-    except under `if TYPE_CHECKING:`, which never runs."""
+    """Every module name an import statement anywhere in the file names: module level, in functions,
+    and under `if TYPE_CHECKING:` (a type-only import is a dependency too)."""
     found = set()
-    for node in walk_runtime(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
     return found
-
-
-def walk_runtime(tree: ast.AST):
-    """ast.walk without the bodies of `if TYPE_CHECKING:` blocks."""
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        yield node
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            todo.extend(node.orelse)
-            continue
-        todo.extend(ast.iter_child_nodes(node))
 
 
 def project_graph() -> dict[str, set[str]]:

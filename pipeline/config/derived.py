@@ -9,13 +9,14 @@ names the keys and the fix.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 from pipeline.config.base import check
 from pipeline.config.sections import TrainConfig
 
-if TYPE_CHECKING:
-    from pipeline.config.schema import Config
+# The functions take the root Config (pipeline/config/schema.py, which calls them from its validator);
+# typed as Any so that this module does not import its caller.
+Config = Any
 
 # The keys `resolve_derived` fills in when they are left unset.
 DERIVABLE = {

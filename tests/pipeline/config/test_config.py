@@ -182,3 +182,14 @@ def test_config_module_imports_no_heavy_libraries():
 
 def test_yaml_dump_is_plain_yaml():
     assert isinstance(yaml.safe_load(dump_config(load_config(None))), dict)
+
+
+def test_derived_source_names_are_made_unique_and_explicit_duplicates_are_refused_with_a_fix():
+    data = load_config(None, ["data.sources=[{path: a/input.txt}, {path: b/input.txt}]"]).data
+    assert data.source_names() == ["input-0", "input-1"]
+    with pytest.raises(ConfigError, match=r"both named `web`; give one another name \(data.sources\[1\].name=...\)"):
+        load_config(None, ["data.sources=[{path: a.txt, name: web}, {path: b.txt, name: web}]"])
+    fixed = load_config(
+        None, ["data.sources=[{path: a.txt, name: web}, {path: b.txt, name: web}]", "data.sources.1.name=code"]
+    )
+    assert fixed.data.source_names() == ["web", "code"]

@@ -48,6 +48,7 @@ def test_wsd_holds_the_peak_then_decays_over_its_last_fraction(shape):
 def test_wsd_needs_room_for_warmup_and_decay():
     with pytest.raises(ConfigError, match=r"train.warmup_steps=90 and the WSD decay .* overlap"):
         load_config(None, ["train.schedule=wsd", "train.warmup_steps=90", "train.max_steps=100"])
+    load_config(None, ["train.schedule=wsd", "train.warmup_steps=90", "train.max_steps=200"])  # the fix
 
 
 def test_cosine_shape_and_no_warmup():

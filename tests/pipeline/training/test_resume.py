@@ -113,6 +113,9 @@ def test_resuming_a_finished_run_says_there_is_nothing_left(resumed, tiny_shard_
     output = train_with_torchrun(copy, tiny_shard_dir, tmp_path / "tmp")
     assert "nothing left to train: the run finished step 18 of train.max_steps=18" in output
     assert json.loads((copy / "train_result.json").read_text())["steps"] == 18
+    make_run_dir(copy, [*BASE, *(f"{key}={value}" for key, value in CHANGED.items()), "train.max_steps=20"])
+    train_with_torchrun(copy, tiny_shard_dir, tmp_path / "tmp")  # the fix the line gives
+    assert json.loads((copy / "train_result.json").read_text())["steps"] == 20
 
 
 # ---------------------------------------------------------------------------------------------
