@@ -59,7 +59,8 @@ def train_worker(run_dir: Path, shard_dir: Path, *, driver_verified: bool = Fals
 
 def setup(config: Config, run_dir: Path, shard_dir: Path, *, driver_verified: bool) -> tuple[Run, list[Callback]]:
     """Process group, data check, resume checks, data, model, DeepSpeed engine; then load `latest` if any.
-    `driver_verified`: the driver already checked the shards; otherwise rank 0 does, the others wait."""
+    `driver_verified`: the driver already checked the shards and the checkpoint hashes; otherwise rank 0
+    does, the others wait."""
     device = engine.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if world_size != config.data_parallel_size:
