@@ -3,7 +3,16 @@ Hugging Face weight mapping. Imports torch only (transformers lazily, inside mod
 
 from models.bert import BERT
 from models.gpt import GPT, sample_next_token
-from models.hf import from_hf, from_hf_config, hf_arch, load_hf_state_dict, to_hf, to_hf_config, to_hf_state_dict
+from models.hf import (
+    check_hf_tensor_names,
+    hf_arch,
+    hf_tensor_names,
+    load_hf_state_dict,
+    parameter_from_hf,
+    to_hf,
+    to_hf_config,
+    to_hf_state_dict,
+)
 from models.layers import (
     ModelOutput,
     TransformerConfig,
@@ -20,12 +29,13 @@ __all__ = [
     "ModelOutput",
     "activation_memory_bytes",
     "flops_per_token",
-    "from_hf",
-    "from_hf_config",
+    "check_hf_tensor_names",
     "hf_arch",
+    "hf_tensor_names",
     "load_hf_state_dict",
     "matmul_parameters",
     "num_parameters",
+    "parameter_from_hf",
     "sample_next_token",
     "to_hf",
     "to_hf_config",

@@ -11,12 +11,11 @@ transpose of nn.Linear. transformers is imported inside functions so models/ imp
 """
 
 import re
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from models.bert import BERT
-from models.gpt import GPT
 from models.layers import TransformerConfig
 
 _HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
@@ -52,6 +51,13 @@ _MODULES = {
         "mlm_norm": "cls.predictions.transform.LayerNorm",
         "lm_head": "cls.predictions.decoder",
     },
+}
+_BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
+# Tensors HF checkpoints may hold that no model of ours has: buffers, BERT's pooler and NSP head.
+_IGNORED = {
+    "gpt2": r".*\.attn\.(masked_)?bias",
+    "llama": r".*rotary_emb\.inv_freq",
+    "bert": r"bert\.embeddings\.position_ids|bert\.pooler\..*|cls\.seq_relationship\..*",
 }
 _BLOCK_PREFIX = {"gpt2": "transformer.h.{}.", "llama": "model.layers.{}.", "bert": "bert.encoder.layer.{}."}
 _BLOCK_MODULES = {
@@ -169,77 +175,6 @@ def to_hf_config(cfg: TransformerConfig):
     )
 
 
-def from_hf_config(hf_config) -> TransformerConfig:
-    """The TransformerConfig of a GPT2, Llama or BERT transformers config; ValueError for other models."""
-    kind, c = hf_config.model_type, hf_config
-    common = dict(
-        vocab_size=c.vocab_size,
-        tie_embeddings=c.tie_word_embeddings,
-        init_std=c.initializer_range,
-        pad_token_id=c.pad_token_id,
-    )
-    if kind == "gpt2":
-        return TransformerConfig(
-            family="gpt",
-            max_seq_len=c.n_positions,
-            d_model=c.n_embd,
-            n_layers=c.n_layer,
-            n_heads=c.n_head,
-            d_ff=c.n_inner or 4 * c.n_embd,
-            gelu_approximate=_gelu_approximate(c.activation_function),
-            norm_eps=c.layer_norm_epsilon,
-            dropout=c.resid_pdrop,
-            **common,
-        )
-    if kind == "llama":
-        # transformers 5 keeps rope settings in rope_parameters; 4.x had rope_theta and rope_scaling.
-        rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": c.rope_theta}
-        if rope.get("rope_type", "default") != "default" or c.hidden_act != "silu" or c.attention_bias != c.mlp_bias:
-            raise ValueError("only Llama configs with default rope, silu and attention_bias == mlp_bias map onto GPT")
-        if getattr(c, "head_dim", None) not in (None, c.hidden_size // c.num_attention_heads):
-            raise ValueError(f"Llama head_dim={c.head_dim} must be hidden_size / num_attention_heads")
-        return TransformerConfig(
-            family="gpt",
-            max_seq_len=c.max_position_embeddings,
-            d_model=c.hidden_size,
-            n_layers=c.num_hidden_layers,
-            n_heads=c.num_attention_heads,
-            n_kv_heads=c.num_key_value_heads,
-            d_ff=c.intermediate_size,
-            activation="swiglu",
-            norm="rmsnorm",
-            norm_eps=c.rms_norm_eps,
-            position="rope",
-            rope_theta=rope["rope_theta"],
-            bias=c.attention_bias,
-            dropout=c.attention_dropout,
-            **common,
-        )
-    if kind == "bert":
-        return TransformerConfig(
-            family="bert",
-            max_seq_len=c.max_position_embeddings,
-            d_model=c.hidden_size,
-            n_layers=c.num_hidden_layers,
-            n_heads=c.num_attention_heads,
-            d_ff=c.intermediate_size,
-            gelu_approximate=_gelu_approximate(c.hidden_act),
-            norm_eps=c.layer_norm_eps,
-            norm_position="post",
-            dropout=c.hidden_dropout_prob,
-            type_vocab_size=c.type_vocab_size,
-            **common,
-        )
-    raise ValueError(f"no mapping for Hugging Face model_type={kind!r} (supported: gpt2, llama, bert)")
-
-
-def _gelu_approximate(hf_activation: str) -> str:
-    approximations = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
-    if hf_activation not in approximations:
-        raise ValueError(f"activation {hf_activation!r} has no equivalent (supported: {sorted(approximations)})")
-    return approximations[hf_activation]
-
-
 def _hf_names(arch: str, our_name: str) -> tuple[str, ...]:
     """The HF key(s) of one of our parameters; several when ours is their concatenation (fused qkv)."""
     module, _, param = our_name.rpartition(".")
@@ -280,30 +215,60 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return hf_state
 
 
-def load_hf_state_dict(model: nn.Module, hf_state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy an HF model's state_dict() into our model, whose config must match (see from_hf_config).
-    Raises if an HF weight would be left unused, e.g. biases into a bias-free config."""
-    arch, ours, used = hf_arch(model.config), {}, set()
-    for name, _ in model.named_parameters():
-        hf_names = _hf_names(arch, name)
-        parts = [hf_state_dict[hf_name] for hf_name in hf_names]
-        parts = [p.t() if _is_conv1d(arch, n, p) else p for n, p in zip(hf_names, parts)]
-        ours[name] = torch.cat(parts, dim=0)
-        used.update(hf_names)
-    unused = set(hf_state_dict) - used - {alias for alias, _ in _tied_keys(arch, model.config)}
+def hf_tensor_names(cfg: TransformerConfig, stored: Iterable[str]) -> dict[str, str]:
+    """{HF name as its model's state_dict() has it: name as stored in a checkpoint}. Checkpoints saved
+    from the base model lack its prefix (`h.0.` for `transformer.h.0.`), old BERT ones call LayerNorm's
+    weight and bias gamma and beta, and tied weights may be stored under their alias only. Buffers and
+    heads no model of ours has (GPT-2's causal-mask `attn.bias`, BERT's pooler and NSP head) are left out."""
+    arch = hf_arch(cfg)
+    names = {}
+    for name in stored:
+        canonical = re.sub(
+            r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+        )
+        if not canonical.startswith((_BASE_PREFIX[arch], "lm_head.", "cls.")):
+            canonical = _BASE_PREFIX[arch] + canonical
+        if not re.fullmatch(_IGNORED[arch], canonical):
+            names[canonical] = name
+    for alias, canonical in _tied_keys(arch, cfg):
+        if canonical not in names and alias in names:
+            names[canonical] = names[alias]
+    return names
+
+
+def check_hf_tensor_names(model: nn.Module, names: dict[str, str]) -> None:
+    """ValueError naming the HF weights our model needs that are missing, or that it has no place for
+    (e.g. biases into a bias-free config)."""
+    arch = hf_arch(model.config)
+    needed = {hf_name for name, _ in model.named_parameters() for hf_name in _hf_names(arch, name)}
+    missing = sorted(needed - set(names))
+    if missing:
+        raise ValueError(f"missing Hugging Face weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unused = set(names) - needed - {alias for alias, _ in _tied_keys(arch, model.config)}
     if unused:
-        raise ValueError(f"Hugging Face weights with no place in this model: {sorted(unused)}")
+        raise ValueError(f"Hugging Face weights with no place in this model: {sorted(unused)[:5]}")
+
+
+def parameter_from_hf(cfg: TransformerConfig, name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """Our parameter `name` from the HF tensors `read(hf_name)` returns: q, k and v concatenated into our
+    fused qkv, GPT-2's Conv1D weights transposed."""
+    arch = hf_arch(cfg)
+    hf_names = _hf_names(arch, name)
+    parts = [read(hf_name) for hf_name in hf_names]
+    return torch.cat([p.t() if _is_conv1d(arch, n, p) else p for n, p in zip(hf_names, parts)], dim=0)
+
+
+def load_hf_state_dict(model: nn.Module, hf_state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy an HF checkpoint's tensors (as stored: see hf_tensor_names) into our model, whose config
+    must describe the same architecture. Raises ValueError if a weight is missing or left unused."""
+    names = hf_tensor_names(model.config, hf_state_dict)
+    check_hf_tensor_names(model, names)
+    ours = {
+        name: parameter_from_hf(model.config, name, lambda hf_name: hf_state_dict[names[hf_name]])
+        for name, _ in model.named_parameters()
+    }
     # Only our tied aliases (lm_head.weight) are left missing, and they share the loaded tensor.
     model.load_state_dict(ours, strict=False)
-
-
-def from_hf(hf_model) -> tuple[TransformerConfig, nn.Module]:
-    """(config, our GPT or BERT) holding the weights of a GPT2LMHeadModel, LlamaForCausalLM or
-    BertForMaskedLM."""
-    cfg = from_hf_config(hf_model.config)
-    model = GPT(cfg) if cfg.family == "gpt" else BERT(cfg)
-    load_hf_state_dict(model, hf_model.state_dict())
-    return cfg, model
 
 
 def to_hf(model: nn.Module):

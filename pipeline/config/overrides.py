@@ -77,7 +77,9 @@ def _descend(node: Any, kind: Any, path: list[str]) -> tuple[Any, Any]:
                 f"override: `{dotted(path)}` is a single value with no keys below it; set it as {dotted(path)}=VALUE"
             )
         if node.get(slot) is None:
-            default = kind.model_fields[slot].get_default(call_default_factory=True)
+            # A section starts empty, so that only what the user set counts as set (model.init_from checks
+            # explicit keys); a list such as data.sources starts as its default, so `.0.path=x` edits it.
+            default = None if _is_model(child) else kind.model_fields[slot].get_default(call_default_factory=True)
             node[slot] = to_plain(default) if default is not None else {}
     elif isinstance(node, dict):  # free-form mapping such as train.deepspeed
         node.setdefault(slot, {})

@@ -6,8 +6,9 @@ from __future__ import annotations
 import yaml
 from pydantic import BaseModel
 
+from pipeline.config.corpus import SourceConfig
 from pipeline.config.schema import Config
-from pipeline.config.sections import SECTIONS, SourceConfig
+from pipeline.config.sections import SECTIONS
 
 
 def config_reference_markdown() -> str:

@@ -8,6 +8,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from pipeline.config.base import Section
 from pipeline.config.derived import resolve_derived, unset_derivable_keys
+from pipeline.config.pretrained import resolve_pretrained
 from pipeline.config.sections import (
     ClusterConfig,
     DataConfig,
@@ -37,12 +38,13 @@ class Config(Section):
     @model_validator(mode="after")
     def _resolve(self) -> Config:
         self._derived = unset_derivable_keys(self)
+        resolve_pretrained(self)
         resolve_derived(self)
         return self
 
     def model_args(self) -> dict[str, Any]:
         """The model section as keyword arguments for `models.TransformerConfig`."""
-        return self.model.model_dump(exclude={"pad_vocab_multiple"})
+        return self.model.model_dump(exclude={"pad_vocab_multiple", "init_from"})
 
     @property
     def data_parallel_size(self) -> int:

@@ -6,12 +6,12 @@ message names the key and the fix. The root model that holds the sections is in 
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.base import Section, _check_json, check
+from pipeline.config.corpus import DataConfig
 
 
 class RunConfig(Section):
@@ -29,119 +29,24 @@ class RunConfig(Section):
     seed: int = Field(1337, ge=0, description="Seed for model init, data order and MLM masking.")
 
 
-class SourceConfig(Section):
-    name: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-        description="Short name of the source in per-source metrics (`val/<name>/loss`) and reports. Default: "
-        "derived from the path (a file's stem, a glob's directory, the dataset name).",
-    )
-    path: str = Field(
-        description="A file, a glob, a directory saved by `datasets.save_to_disk`, "
-        "`builtin:python-stdlib` (the running interpreter's standard library sources), or "
-        "`hf:NAME` for a Hugging Face hub dataset (needs internet)."
-    )
-    format: Literal["auto", "text", "jsonl", "parquet", "saved", "hub", "builtin"] = Field(
-        "auto", description="How to read `path`; `auto` decides by extension or prefix."
-    )
-    text_field: str = Field(
-        "text", description="Column holding the document text (jsonl, parquet, saved and hub datasets)."
-    )
-    text_unit: Literal["file", "line", "paragraph"] = Field(
-        "file", description="For plain text: one document per file, per line, or per blank-line paragraph."
-    )
-    weight: float = Field(
-        1.0,
-        gt=0,
-        description="Share of training tokens drawn from this source, relative to the other sources' weights.",
-    )
-    hub_config: str | None = Field(None, description="Hub dataset configuration name (hub sources only).")
-    split: str = Field("train", description="Dataset split to read (saved and hub sources).")
-    validation: Literal["auto", "hash", "tail"] = Field(
-        "auto",
-        description="How this source's text reaches the validation split. `hash`: data.val_permille of its "
-        "documents, by a stable hash of each document's MinHash key (near-copies stay together). `tail`: the "
-        "last data.val_permille of each file's "
-        "bytes, cut at a line boundary (plain text and uncompressed JSONL only), the rule for a corpus of few "
-        "documents such as one input.txt. `auto`: `tail` for plain text read one document per file when fewer "
-        "than 10 files would fall into validation by hash, `hash` otherwise.",
-    )
-
-
-class DataConfig(Section):
-    sources: list[SourceConfig] = Field(
-        default_factory=lambda: [SourceConfig(path="builtin:python-stdlib")],
-        min_length=1,
-        description="The corpus: one or more sources, mixed by weight.",
-    )
-    val_permille: int = Field(
-        20,
-        ge=0,
-        le=500,
-        description="Per thousand of the corpus assigned to validation: documents by a stable hash of their "
-        "MinHash key (near-copies stay together), or the tail of each file (see data.sources[].validation).",
-    )
-    shard_tokens: int = Field(16_777_216, gt=0, description="Target number of tokens per shard file.")
-    num_workers: int = Field(
-        2,
-        ge=1,
-        description="Partitions read, tokenized and written at once, each by one Ray task on any node of the "
-        "cluster (1: in the driver process, without Ray).",
-    )
-    partition_bytes: int = Field(
-        8 << 20,
-        ge=1024,
-        description="Target input bytes per partition, the unit of parallel work of the tokenizer and shard "
-        "stages: files are cut at line boundaries (plain text, uncompressed JSONL) or by Parquet row groups, and "
-        "small files are grouped. The plan depends on the input and this value only, never on the workers.",
-    )
-    max_documents: int | None = Field(
-        None,
-        gt=0,
-        description="Read at most this many documents per source (for quick experiments); None reads everything.",
-    )
-    verify_checksums: bool = Field(True, description="Check every shard's sha256 against index.json when a run starts.")
-
-    @model_validator(mode="after")
-    def _names_differ(self) -> DataConfig:
-        names = [source.name for source in self.sources]
-        for position, name in enumerate(names):
-            check(
-                name is None or names.index(name) == position,
-                f"data.sources[{names.index(name)}] and data.sources[{position}] are both named `{name}`; give "
-                f"one another name (data.sources[{position}].name=...)",
-            )
-        return self
-
-    def source_names(self) -> list[str]:
-        """Every source's name (`source_name`); a derived name that another source has too gets `-<position>`."""
-        names = [source_name(source) for source in self.sources]
-        return [
-            name if source.name or names.count(name) == 1 else f"{name}-{position}"
-            for position, (name, source) in enumerate(zip(names, self.sources))
-        ]
-
-
-def source_name(source: SourceConfig) -> str:
-    """The source's `name`, or one derived from its path: `python-stdlib` for the builtin corpus, the
-    dataset's last path part for the hub, a file's stem without its suffixes, a glob's last plain
-    directory."""
-    if source.name:
-        return source.name
-    path = source.path.rstrip("/")
-    if path.startswith("builtin:"):
-        return path.removeprefix("builtin:")
-    if path.startswith("hf:"):
-        return path.rsplit("/", 1)[-1]
-    parts = [part for part in path.split("/") if part]
-    plain = [part for part in parts if not any(c in part for c in "*?[")]
-    last = parts[-1] if parts and plain and parts[-1] == plain[-1] else (plain[-1] if plain else "source")
-    stem = last.split(".")[0] or last
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem).strip("_.-") or "source"
-
-
 class TokenizerConfig(Section):
-    vocab_size: int = Field(8192, description="Vocabulary size of the byte-level BPE, special tokens included.")
+    path: str | None = Field(
+        None,
+        description="An existing Hugging Face tokenizer instead of training one: a directory holding "
+        "tokenizer.json (and its tokenizer_config.json / special_tokens_map.json) or a tokenizer.json file. "
+        "Default: model.init_from's tokenizer when that is set, else a byte-level BPE trained on the corpus.",
+    )
+    special_tokens: dict[Literal["bos", "eos", "pad", "cls", "sep", "mask"], str] = Field(
+        default_factory=dict,
+        description="Special tokens by role, over what tokenizer.path's files say, e.g. `{eos: </s>}`. GPT "
+        "appends `eos` after every document (and puts `bos` before it when the two differ); BERT needs `sep`, "
+        "`mask` and `pad`.",
+    )
+    vocab_size: int = Field(
+        8192,
+        description="Vocabulary size of the byte-level BPE, special tokens included; with tokenizer.path it is "
+        "read from the tokenizer.",
+    )
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
     sample_bytes: int = Field(
         64_000_000, gt=0, description="Train the tokenizer on at most this many bytes of text drawn from the corpus."
@@ -151,7 +56,11 @@ class TokenizerConfig(Section):
     @model_validator(mode="after")
     def _vocab_covers_bytes(self) -> TokenizerConfig:
         check(
-            self.vocab_size >= 256 + 8,
+            self.path is not None or not self.special_tokens,
+            "tokenizer.special_tokens applies to an existing tokenizer only; set tokenizer.path or remove it",
+        )
+        check(
+            self.path is not None or self.vocab_size >= 256 + 8,
             f"tokenizer.vocab_size={self.vocab_size} is too small: a byte-level "
             "BPE needs the 256 byte tokens plus the special tokens; use at least 264",
         )
@@ -159,6 +68,13 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
+    init_from: str | None = Field(
+        None,
+        description="Start from Hugging Face weights: a directory holding config.json and model.safetensors "
+        "(or sharded safetensors, or pytorch_model.bin) of a GPT2LMHeadModel, LlamaForCausalLM or BertForMaskedLM. "
+        "The architecture keys below come from its config.json (one set to another value is an error), its "
+        "tokenizer is used unless tokenizer.path is set, and training starts at step 0 with a fresh optimizer.",
+    )
     family: Literal["gpt", "bert"] = Field(
         "gpt", description="`gpt`: decoder-only causal LM; `bert`: encoder with a masked-LM head."
     )

@@ -38,14 +38,15 @@ from pipeline.data.partitions import SPLIT_BY_HASH, Partition, plan_corpus
 from pipeline.data.readers import PartitionReader
 from pipeline.data.shard_index import PARTS_DIR, PLAN_FILE, ShardWriter, load_record, merge_records, worker_figures
 from pipeline.data.shards import SHARD_TOKENIZER_DIR, SPLITS, token_dtype, verify_shards
-from pipeline.data.sources import is_validation
-from pipeline.data.tokenizer import load_tokenizer, special_token_ids, tokenizer_stage
+from pipeline.data.sources import corpus_identity, is_validation
+from pipeline.data.special_tokens import special_token_ids
+from pipeline.data.tokenizer import load_tokenizer, tokenizer_stage, vocab_rows
 from pipeline.run.artifacts import StageResult, atomic_write_json, build_stage, canonical_json, fingerprint
 from pipeline.run.runtime import current_node, run_tasks
 
 # 4: one task per input partition, each writing its own shard files; 5: the split by MinHash key,
-# source names
-CODE_VERSION = "shard-5"
+# source names; 6: special tokens by role (a BOS before each document where the tokenizer has one)
+CODE_VERSION = "shard-6"
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class ShardJob:
     build_dir: str
     tokenizer_dir: str
     separator_id: int
+    prefix_ids: tuple[int, ...]  # before every document (GPT's bos where it differs from the separator)
     dtype: str
     val_permille: int
     shard_tokens: int
@@ -83,12 +85,13 @@ def shard_partition(job: ShardJob) -> dict:
     partition, directory = job.partition, Path(job.build_dir)
     reader = PartitionReader(partition, job.source, job.limit)
     writers = {split: ShardWriter(directory, split, partition, job.dtype, job.shard_tokens) for split in SPLITS}
-    separator = [job.separator_id]
+    prefix, separator = list(job.prefix_ids), [job.separator_id]
     for text in reader:
         split = partition.split
         if split == SPLIT_BY_HASH:
             split = "val" if is_validation(text, job.val_permille) else "train"
-        ids = tokenizer.encode(text).ids + separator
+        # No template: an existing tokenizer's post-processor would add its own [CLS]/[SEP] or <s>.
+        ids = prefix + tokenizer.encode(text, add_special_tokens=False).ids + separator
         writers[split].add(np.array(ids, dtype=job.dtype).tobytes(), len(text.encode("utf-8")))
     record = {
         "identity": job.identity(),
@@ -108,14 +111,16 @@ def write_shards(config: Config, tokenizer_dir: Path, tokenizer_fp: str, directo
     plan = plan_corpus(data)
     atomic_write_json(directory / PLAN_FILE, [p.as_dict() for p in plan])
     tokenizer = load_tokenizer(tokenizer_dir)
-    dtype = token_dtype(tokenizer.get_vocab_size())
+    dtype = token_dtype(vocab_rows(tokenizer))
+    special = special_token_ids(tokenizer_dir, config.model.family)
     jobs = [
         ShardJob(
             p,
             data.sources[p.source],
             str(directory),
             str(tokenizer_dir),
-            special_token_ids(tokenizer, config.model.family).separator,
+            special.separator,
+            special.prefix,
             dtype.name,
             data.val_permille,
             data.shard_tokens,
@@ -131,7 +136,7 @@ def write_shards(config: Config, tokenizer_dir: Path, tokenizer_fp: str, directo
         config,
         plan,
         records,
-        vocab_size=tokenizer.get_vocab_size(),
+        vocab_size=vocab_rows(tokenizer),
         tokenizer_fp=tokenizer_fp,
         separator_id=jobs[0].separator_id,
     )
@@ -210,7 +215,8 @@ def shard_stage(config: Config, tokenizer: StageResult | None = None) -> StageRe
     (file sizes, and sha256 with data.verify_checksums) and rebuilt when it fails. An interrupted
     build resumes from its completed partitions."""
     tokenizer = tokenizer or tokenizer_stage(config)
-    corpus_fp = tokenizer.manifest["inputs"]["corpus"]  # the corpus identity, computed once per run
+    # The corpus identity, computed once per run by the tokenizer stage when it read the corpus.
+    corpus_fp = tokenizer.manifest["inputs"].get("corpus") or fingerprint(corpus_identity(config.data))
     return build_stage(
         config.run.workdir,
         "shard",

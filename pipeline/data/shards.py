@@ -11,32 +11,23 @@ Written by the shard stage (shard.py, shard_index.py); read by the loader (loade
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.run.artifacts import file_sha256
 
 INDEX_FILE = "index.json"
 SHARD_TOKENIZER_DIR = "tokenizer"  # the shards' copy of the tokenizer that made them
 INDEX_FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-_HASH_CHUNK = 1 << 22
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 holds ids below 65536; larger vocabularies need uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_index(shard_dir: str | Path) -> dict:

@@ -1,4 +1,6 @@
-"""Tokenizer stage: a byte-level BPE (GPT-2 pre-tokenizer) trained with HF `tokenizers`.
+"""Tokenizer stage: a byte-level BPE (GPT-2 pre-tokenizer) trained with HF `tokenizers`, or the user's
+existing HF tokenizer (tokenizer.path), copied into the cache under the sha256 of its files so that the
+shards and runs built on it stay content-addressed.
 
 The training sample is drawn from the training split only (so validation bits-per-byte is honest).
 Each source contributes up to tokenizer.sample_bytes x its share of the weights, spread over its
@@ -9,20 +11,25 @@ while the reads go on), so the sample is the same for any number of workers. Wit
 a source's partitions are read one after another, within the source's first max_documents documents.
 
 The output directory holds `tokenizer.json` plus `tokenizer_config.json` and
-`special_tokens_map.json`, which `transformers.AutoTokenizer.from_pretrained(dir)` loads.
+`special_tokens_map.json`, which `transformers.AutoTokenizer.from_pretrained(dir)` loads, and the
+special tokens' roles (pipeline/data/special_tokens.py).
 
-Round trip: byte-level BPE maps every UTF-8 string to byte tokens, so decode(encode(t)) == t for
-any text (with tokenizer.nfc, for any NFC-normalized text).
+Round trip: the trained byte-level BPE maps every UTF-8 string to byte tokens, so decode(encode(t)) == t
+for any text (with tokenizer.nfc, for any NFC-normalized text). An existing tokenizer may not (BERT's
+WordPiece lowercases and drops spaces), so nothing downstream relies on it: bits per byte count the
+source bytes the shard writer recorded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import tokenizers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm import tqdm
 
@@ -30,12 +37,26 @@ from pipeline.config import Config, SourceConfig
 from pipeline.data.partitions import SPLIT_BY_HASH, Partition, plan_corpus
 from pipeline.data.readers import PartitionReader
 from pipeline.data.sources import corpus_identity, is_validation
+from pipeline.data.special_tokens import declared_roles, resolve_roles, write_roles
 from pipeline.errors import DataError
-from pipeline.run.artifacts import StageResult, atomic_write_json, build_stage, fingerprint
+from pipeline.run.artifacts import StageResult, atomic_write_json, build_stage, file_sha256, fingerprint
 from pipeline.run.runtime import run_tasks
 
-# 2: the sample is drawn per partition; 3: huge documents sampled by bytes, the split by MinHash key
-CODE_VERSION = "tokenizer-3"
+# 2: the sample is drawn per partition; 3: huge documents sampled by bytes, the split by MinHash key;
+# 4: the special tokens' roles are written to special_tokens.ROLES_FILE
+CODE_VERSION = "tokenizer-4"
+# The files of an existing tokenizer copied into the cache (never weights or the model's config).
+PROVIDED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 # The BPE trainer holds each sequence whole: the sample reaches it in pieces of at most this many bytes.
 SAMPLE_PIECE_BYTES = 1 << 20
 TOKENIZER_FILE = "tokenizer.json"
@@ -43,7 +64,6 @@ FAMILY_SPECIAL_TOKENS = {
     "gpt": ["<|endoftext|>"],
     "bert": ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"],
 }
-SEPARATOR = {"gpt": "<|endoftext|>", "bert": "[SEP]"}
 # What transformers calls each special token, per family (GPT-2's convention: one token for all).
 TRANSFORMERS_ROLES = {
     "gpt": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
@@ -55,17 +75,6 @@ TRANSFORMERS_ROLES = {
         "unk_token": "[UNK]",
     },
 }
-
-
-@dataclass(frozen=True)
-class SpecialTokenIds:
-    """The ids the loader and the model need; None where the family has no such token."""
-
-    separator: int
-    all: tuple[int, ...]
-    pad: int | None
-    mask: int | None
-    cls: int | None
 
 
 def new_tokenizer(nfc: bool) -> Tokenizer:
@@ -108,38 +117,23 @@ def save_tokenizer(tokenizer: Tokenizer, family: str, directory: str | Path) -> 
     atomic_write_json(directory / "special_tokens_map.json", roles)
 
 
+def vocab_rows(tokenizer: Tokenizer) -> int:
+    """Embedding rows the tokenizer's ids need: its largest id + 1 (ids need not be contiguous)."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The raw `tokenizers.Tokenizer` of a tokenizer (or shard) directory; use AutoTokenizer for transformers."""
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         raise DataError(f"{directory}: no {TOKENIZER_FILE}; build it with `pretrain tokenizer CONFIG`")
-    return Tokenizer.from_file(str(path))
-
-
-def special_token_ids(tokenizer: Tokenizer | str | Path, family: str) -> SpecialTokenIds:
-    """Ids of the family's special tokens; an error if the tokenizer was trained for another family."""
-    if not isinstance(tokenizer, Tokenizer):
-        tokenizer = load_tokenizer(tokenizer)
-    ids = {token: tokenizer.token_to_id(token) for token in FAMILY_SPECIAL_TOKENS[family]}
-    missing = [token for token, token_id in ids.items() if token_id is None]
-    if missing:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust parser raises a bare Exception
         raise DataError(
-            f"the tokenizer lacks the {family} special tokens {missing}: it was trained for "
-            "another model.family; rebuild it with `pretrain tokenizer CONFIG`"
-        )
-    return SpecialTokenIds(
-        separator=ids[SEPARATOR[family]],
-        all=tuple(sorted(ids.values())),
-        pad=ids.get("[PAD]"),
-        mask=ids.get("[MASK]"),
-        cls=ids.get("[CLS]"),
-    )
-
-
-def bert_masking_ids(tokenizer: Tokenizer | str | Path) -> dict:
-    """The BatchLoader arguments BERT's masking needs: the [MASK] id and the ids never to mask."""
-    special = special_token_ids(tokenizer, "bert")
-    return {"mask_token_id": special.mask, "special_token_ids": special.all}
+            f"{path}: tokenizers {tokenizers.__version__} cannot read it ({exc}); save it again with this "
+            "version (`AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)`)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -249,6 +243,48 @@ def tokenizer_fingerprint(config: Config, corpus: list[dict]) -> str:
 
 
 def tokenizer_stage(config: Config) -> StageResult:
+    """The tokenizer: config.tokenizer.path's, copied into the cache, or one trained on the corpus (or the
+    cached one with the same fingerprint)."""
+    return provided_tokenizer_stage(config) if config.tokenizer.path else trained_tokenizer_stage(config)
+
+
+def provided_tokenizer_files(path: str | Path) -> list[Path]:
+    """The tokenizer files of tokenizer.path: a directory's PROVIDED_FILES, or a single tokenizer.json."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return [path / name for name in PROVIDED_FILES if (path / name).is_file()]
+
+
+def provided_tokenizer_stage(config: Config) -> StageResult:
+    """Copy an existing HF tokenizer into the cache, keyed by its files' sha256, after checking that it
+    loads and has the family's special tokens."""
+    settings, family = config.tokenizer, config.model.family
+    files = provided_tokenizer_files(settings.path)
+    digests = {file.name: file_sha256(file) for file in files}
+
+    def build(directory: Path) -> dict:
+        for file in files:
+            # A lone file is the tokenizer.json, whatever its name.
+            shutil.copy2(file, directory / (file.name if len(files) > 1 else TOKENIZER_FILE))
+        tokenizer = load_tokenizer(directory)
+        source = f"tokenizer.path={settings.path}"
+        write_roles(
+            directory, resolve_roles(tokenizer, declared_roles(directory), settings.special_tokens, family, source)
+        )
+        return {"vocab_size": vocab_rows(tokenizer), "files": len(files)}
+
+    return build_stage(
+        config.run.workdir,
+        "tokenizer",
+        fingerprint("tokenizer", CODE_VERSION, "provided", digests, family, settings.special_tokens),
+        code_version=CODE_VERSION,
+        inputs={"tokenizer": fingerprint(digests)},
+        build_fn=build,
+    )
+
+
+def trained_tokenizer_stage(config: Config) -> StageResult:
     """Train the tokenizer, or reuse the cached one with the same fingerprint."""
     corpus = corpus_identity(config.data)
     tokenizer_fp = tokenizer_fingerprint(config, corpus)
@@ -277,6 +313,8 @@ def tokenizer_stage(config: Config) -> StageResult:
                 "lower data.val_permille"
             )
         save_tokenizer(tokenizer, config.model.family, directory)
+        roles = resolve_roles(tokenizer, declared_roles(directory), {}, config.model.family, str(directory))
+        write_roles(directory, roles)
         seconds = time.perf_counter() - started
         return {
             "vocab_size": tokenizer.get_vocab_size(),

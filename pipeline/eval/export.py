@@ -23,6 +23,7 @@ from torch import nn
 
 from models.hf import hf_arch, to_hf
 from pipeline.config import Config, EvalConfig
+from pipeline.data.special_tokens import ROLES_FILE
 from pipeline.errors import ExportError
 from pipeline.run.artifacts import MANIFEST
 from pipeline.run.rundir import RunState
@@ -113,7 +114,8 @@ def _write_export(model: nn.Module, tokenizer_dir: Path, directory: Path, genera
 
 
 def copy_tokenizer_files(tokenizer_dir: Path, directory: Path) -> None:
-    """Every file of the tokenizer directory except the stage manifest (which describes the cache entry)."""
+    """Every file of the tokenizer directory, unchanged, except the stage manifest (which describes the
+    cache entry) and our record of the special tokens' roles (transformers reads its own files)."""
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise ExportError(
             f"{tokenizer_dir}: no tokenizer.json; pass the tokenizer stage's output "
@@ -121,7 +123,7 @@ def copy_tokenizer_files(tokenizer_dir: Path, directory: Path) -> None:
         )
     directory.mkdir(parents=True, exist_ok=True)
     for path in tokenizer_dir.iterdir():
-        if path.is_file() and path.name != MANIFEST:
+        if path.is_file() and path.name not in (MANIFEST, ROLES_FILE):
             shutil.copy2(path, directory / path.name)
 
 

@@ -13,8 +13,10 @@ Bits per byte. A loss in nats per token depends on the tokenizer; bits per byte 
 
 When the whole split is scored, the bytes per token are the split's, from the shard index: the
 figure is the split's code length per byte, up to each source's first token and a tail shorter than
-one window. Otherwise they are the scored windows' own: their target tokens decoded to UTF-8 (special
-tokens count no bytes), so the figure rests on the text actually scored. The separator closing each
+one window. Otherwise, with the trained byte-level tokenizer, they are the scored windows' own: their
+target tokens decoded to UTF-8 (special tokens count no bytes), so the figure rests on the text actually
+scored. An existing tokenizer (tokenizer.path) need not decode to the source text (WordPiece lowercases
+and drops spaces), so then the split's source bytes per token stand for the sample's. The separator closing each
 document is a scored token with no source bytes: the end of a document is information too, and every
 tokenizer has one per document, so figures compare across tokenizers. Each window restarts its
 context, so figures compare at equal train.seq_len.
@@ -36,7 +38,9 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.data.loader import TokenDataset
-from pipeline.data.tokenizer import load_tokenizer, special_token_ids
+from pipeline.data.shards import SHARD_TOKENIZER_DIR
+from pipeline.data.special_tokens import SpecialTokenIds, special_token_ids
+from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import DataError
 from pipeline.eval.harness import run_lm_eval
 from pipeline.eval.validation import Scoring, ValidationSums, WindowSet, scoring_for, validate, window_set
@@ -99,7 +103,9 @@ def evaluation_report(config: Config, model: nn.Module, tokenizer, shard_dir: st
     try:
         validation = validation_metrics(config, model, tokenizer, TokenDataset(shard_dir, "val"))
         make_examples = gpt_samples if family == "gpt" else fill_mask_examples
-        examples = make_examples(config, model, tokenizer)
+        examples = make_examples(
+            config, model, tokenizer, special_token_ids(Path(shard_dir) / SHARD_TOKENIZER_DIR, family)
+        )
     finally:
         model.train(was_training)
     metrics = {
@@ -142,17 +148,18 @@ def validation_metrics(config: Config, model: nn.Module, tokenizer, dataset: Tok
             f"{dataset.shard_dir}: the val split gave no token to score; raise data.val_permille or lower train.seq_len"
         )
     per_source_bytes = None
+    # Decoding gives the scored text back only for the trained byte-level BPE.
+    own_bytes = config.model.family == "gpt" and config.tokenizer.path is None and not windows.whole_split
     if config.model.family == "gpt":
         per_source_bytes = (
-            split_bytes_per_token(dataset)
-            if windows.whole_split
-            else window_bytes(dataset, windows, scoring, tokenizer)
+            window_bytes(dataset, windows, scoring, tokenizer) if own_bytes else split_bytes_per_token(dataset)
         )
     names = dataset.source_names()
     result = source_figures(config, sums, None, per_source_bytes) | {
         "windows": len(windows.ids),
         "split_windows": int(windows.source_starts[-1]),
         "whole_split": windows.whole_split,
+        "bytes_from": "windows" if own_bytes else "split",
         "seq_len": config.train.seq_len,
         "sources": {name: source_figures(config, sums, i, per_source_bytes) for i, name in enumerate(names)},
     }
@@ -210,16 +217,16 @@ def bits_per_byte(nats_per_token: float, bytes_per_token: float) -> float:
 
 
 @torch.no_grad()
-def gpt_samples(config: Config, model: nn.Module, tokenizer) -> list[dict]:
+def gpt_samples(config: Config, model: nn.Module, tokenizer, special: SpecialTokenIds) -> list[dict]:
     """One continuation per eval prompt, sampled with eval.* settings from one generator seeded by
     run.seed (the same text for the same weights); it stops at the document separator."""
-    settings, separator = config.eval, special_token_ids(tokenizer, "gpt").separator
+    settings, separator = config.eval, special.separator
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.run.seed)
     samples = []
     for prompt in settings.prompts:
-        # Every training document follows a separator: leading with one makes the prompt a document's start.
-        prompt_ids = [separator] + tokenizer.encode(prompt).ids
+        # Every training document follows a separator (and the bos, if any): so does the prompt.
+        prompt_ids = [separator, *special.prefix] + tokenizer.encode(prompt, add_special_tokens=False).ids
         ids = model.generate(
             torch.tensor([prompt_ids], device=device),
             settings.max_new_tokens,
@@ -238,15 +245,14 @@ def gpt_samples(config: Config, model: nn.Module, tokenizer) -> list[dict]:
 
 
 @torch.no_grad()
-def fill_mask_examples(config: Config, model: nn.Module, tokenizer) -> list[dict]:
+def fill_mask_examples(config: Config, model: nn.Module, tokenizer, special: SpecialTokenIds) -> list[dict]:
     """Mask ~15% of each eval prompt's tokens (at least one; positions drawn with run.seed) and show
     the originals next to the model's top predictions, and the prompt refilled with its top choices."""
-    special = special_token_ids(tokenizer, "bert")
     rng = np.random.default_rng(config.run.seed)
     device = next(model.parameters()).device
     examples = []
     for prompt in config.eval.prompts:
-        ids = tokenizer.encode(prompt).ids[: config.model.max_seq_len - 2]
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids[: config.model.max_seq_len - 2]
         if not ids:
             continue
         positions = np.sort(rng.choice(len(ids), size=max(1, round(FILL_MASK_FRACTION * len(ids))), replace=False))
@@ -325,7 +331,7 @@ def _validation_lines(v: dict) -> list[str]:
         f"  perplexity     {v['perplexity']:.3f}",
     ]
     if "bits_per_byte" in v:
-        source = "the split's bytes per token" if v["whole_split"] else "the scored windows' own bytes"
+        source = "the scored windows' own bytes" if v.get("bytes_from") == "windows" else "the split's bytes per token"
         lines.append(f"  bits per byte  {v['bits_per_byte']:.4f} ({v['bytes_per_token']:.3f} bytes/token, {source})")
     if "mlm_accuracy" in v:
         lines.append(f"  MLM accuracy   {v['mlm_accuracy']:.4f} (masked positions)")

@@ -29,7 +29,7 @@ from pipeline.config import Config
 from pipeline.data.loader import TokenDataset, windows_per_source
 from pipeline.data.masking import IGNORE_INDEX, document_ids, mlm_mask
 from pipeline.data.shards import SHARD_TOKENIZER_DIR
-from pipeline.data.tokenizer import bert_masking_ids
+from pipeline.data.special_tokens import bert_masking_ids
 
 # The seed of the window draw and of BERT's validation masks: fixed, so that runs with different
 # run.seed compare on the same windows and masks.

@@ -42,6 +42,15 @@ def canonical_json(value: Any) -> str:
     return json.dumps(to_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fingerprint(*parts: Any) -> str:
     """Short hex sha256 over the canonical JSON of the parts (config sections, strings, dicts)."""
     return hashlib.sha256(canonical_json(list(parts)).encode("utf-8")).hexdigest()[:FINGERPRINT_CHARS]

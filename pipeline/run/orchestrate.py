@@ -34,6 +34,7 @@ from pipeline.run.rundir import (
     CONFIG_HISTORY_FILE,
     DEEPSPEED_CONFIG_FILE,
     EVAL_DIR,
+    INIT_FROM_FILE,
     LOSS_CURVE_FILE,
     METRICS_FILE,
     REPORT_FILE,
@@ -45,6 +46,7 @@ from pipeline.run.rundir import (
     prepare_run_dir,
     run_dir_of,
     save_traceback,
+    started_from,
 )
 from pipeline.run.runtime import ray_connection, remote_cause
 from pipeline.training.checkpoint import (
@@ -101,12 +103,22 @@ def run_pipeline(
     config = absolute_paths(config)
     with run_lock(writable_run_dir(run_dir_of(config))):
         select_intact(run_dir_of(config), config.train.verify_checkpoints, echo)  # damaged ones skipped
-        resume_point(run_dir_of(config), config)  # a refused change is refused before anything is written
-        run_dir, changes = prepare_run_dir(config)
+        point = resume_point(run_dir_of(config), config)  # a refused change is refused before anything is written
+        run_dir, changes = prepare_run_dir(config, weights_at_start(config, point))
         tracker = open_tracker(config, run_dir)
         record_config(tracker, config, run_dir, changes)
         echo(f"run {config.run.name}: {run_dir} (stages: {', '.join(stages)})")
         return _run_stages(stages, config, run_dir, tracker, echo)
+
+
+def weights_at_start(config: Config, point) -> dict | None:
+    """The record of model.init_from's weights (path, sha256) when a run starts from them: a fresh start
+    (no checkpoint to resume) with init_from set. Fails at once on a directory without weights."""
+    if config.model.init_from is None or point is not None:
+        return None
+    from pipeline.training.pretrained import weights_record
+
+    return weights_record(config.model.init_from)
 
 
 def record_config(tracker, config: Config, run_dir: Path, changes: dict) -> None:
@@ -118,6 +130,10 @@ def record_config(tracker, config: Config, run_dir: Path, changes: dict) -> None
     tracker.log_params(config.model_dump(mode="json"))
     tracker.set_tags(environment_tags(config))
     tracker.log_artifact(run_dir / CONFIG_FILE)
+    weights = started_from(run_dir)
+    if weights is not None:
+        tracker.log_params({"init_from": {"path": weights["path"], "sha256": weights["sha256"]}})
+        tracker.log_artifact(run_dir / INIT_FROM_FILE)
     if changes:
         tracker.set_tags({f"config.{key}": new for key, (_, new) in changes.items()})
         tracker.log_artifact(run_dir / CONFIG_HISTORY_FILE)
@@ -167,7 +183,7 @@ def _run_stage(stage: str, config: Config, run_dir: Path, state: RunState, track
     started = time.perf_counter()
     state.record(stage, "running")
     tracker.set_tags({f"stage.{stage}": "running"})
-    echo(f"{stage}: {STAGE_DESCRIPTIONS[stage]}")
+    echo(f"{stage}: {stage_description(stage, config)}")
     try:
         output = STAGE_RUNNERS[stage](config, run_dir, state, tracker)
     except (KeyboardInterrupt, SystemExit):
@@ -195,6 +211,14 @@ STAGE_DESCRIPTIONS = {
     "train": "DeepSpeed training in a Ray Train worker group",
     "eval": "validation loss, perplexity, bits per byte and samples of the latest checkpoint",
 }
+
+
+def stage_description(stage: str, config: Config) -> str:
+    if stage == "tokenizer" and config.tokenizer.path:
+        return f"check and cache the tokenizer of {config.tokenizer.path} (tokenizer.path)"
+    if stage == "train" and config.model.init_from:
+        return f"{STAGE_DESCRIPTIONS[stage]}, from the weights in {config.model.init_from}"
+    return STAGE_DESCRIPTIONS[stage]
 
 
 def _tokenizer(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutput:

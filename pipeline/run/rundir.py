@@ -2,6 +2,7 @@
 
     <workdir>/runs/<name>/
         config.yaml               the config as the user gave it (derived values recomputed on load)
+        init_from.json            what model.init_from held at the start: path, sha256 of the weights
         config_history.json       what each later attempt (resume, rerun) changed in config.yaml
         run.lock                  flock of the process running the run, with its PID and host
         run.json                  per stage: status, output path, reused, fingerprint, figures, seconds
@@ -33,6 +34,7 @@ from pipeline.run.artifacts import atomic_write_json, atomic_write_text
 STAGES = ("tokenizer", "shard", "train", "eval")
 
 CONFIG_FILE = "config.yaml"
+INIT_FROM_FILE = "init_from.json"
 CONFIG_HISTORY_FILE = "config_history.json"  # every change of config.yaml between attempts of the run
 LOCK_FILE = "run.lock"  # flock held by the process running the run (pipeline/run/guard.py)
 RUN_STATE_FILE = "run.json"
@@ -69,15 +71,22 @@ def absolute_paths(config: Config) -> Config:
     for source in config.data.sources:
         if ":" not in source.path.split("/")[0]:  # not builtin:..., hf:...
             source.path = str(Path(source.path).expanduser().absolute())
+    for section, key in (("model", "init_from"), ("tokenizer", "path")):
+        if getattr(getattr(config, section), key) is not None:
+            setattr(getattr(config, section), key, str(Path(getattr(getattr(config, section), key)).absolute()))
     return config
 
 
-def prepare_run_dir(config: Config) -> tuple[Path, dict[str, tuple[Any, Any]]]:
+def prepare_run_dir(config: Config, started_from: dict | None = None) -> tuple[Path, dict[str, tuple[Any, Any]]]:
     """Create the run directory and write the config atomically. Returns the changes against the
     config.yaml an earlier attempt of the run wrote ({} for a new run), and appends them, when there
-    are any, to config_history.json (time and {key: [old, new]} per attempt)."""
+    are any, to config_history.json (time and {key: [old, new]} per attempt). `started_from`, the
+    record of model.init_from's weights at a fresh start, goes to init_from.json and, as a comment,
+    into config.yaml."""
     run_dir = run_dir_of(config)
     (run_dir / LOGS_DIR).mkdir(parents=True, exist_ok=True)
+    if started_from is not None:
+        atomic_write_json(run_dir / INIT_FROM_FILE, started_from)
     previous = run_dir / CONFIG_FILE
     try:
         changes = config_changes(load_config(previous).model_dump(mode="json"), config) if previous.is_file() else {}
@@ -86,8 +95,19 @@ def prepare_run_dir(config: Config) -> tuple[Path, dict[str, tuple[Any, Any]]]:
     if changes:
         history = config_history(run_dir) + [{"time": _now(), "changes": {k: list(v) for k, v in changes.items()}}]
         atomic_write_json(run_dir / CONFIG_HISTORY_FILE, history)
-    atomic_write_text(previous, dump_config(config))
+    atomic_write_text(previous, dump_config(config) + _started_from_comment(run_dir))
     return run_dir, changes
+
+
+def started_from(run_dir: Path) -> dict | None:
+    """init_from.json: {"path", "sha256", "files"} of the weights the run started from, or None."""
+    path = Path(run_dir) / INIT_FROM_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _started_from_comment(run_dir: Path) -> str:
+    record = started_from(run_dir)
+    return f"# Started from the weights in {record['path']}, sha256 {record['sha256']}\n" if record else ""
 
 
 def config_history(run_dir: Path) -> list[dict]:

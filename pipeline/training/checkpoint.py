@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config, config_changes, lookup
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.run.artifacts import atomic_write_json, atomic_write_text
+from pipeline.run.artifacts import atomic_write_json, atomic_write_text, file_sha256
 from pipeline.run.guard import run_is_held
 from pipeline.run.rundir import CHECKPOINTS_DIR
 from pipeline.training.storage import failed_writes_reported
@@ -58,7 +58,6 @@ TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_MANIFEST = "manifest.json"
 CHECKSUMS = "checksums.json"
 DAMAGED_SUFFIX = ".damaged"
-_HASH_CHUNK = 1 << 22
 _TAG = re.compile(r"^step-(\d{8})$")
 
 
@@ -128,11 +127,7 @@ def file_digests(path: Path) -> dict[str, dict[str, Any]]:
     """{relative file name: {"bytes", "sha256"}} of every file of a checkpoint but the markers."""
     digests = {}
     for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name not in (COMPLETE, CHECKSUMS)):
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
-        digests[str(file.relative_to(path))] = {"bytes": file.stat().st_size, "sha256": digest.hexdigest()}
+        digests[str(file.relative_to(path))] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
     return digests
 
 

@@ -49,6 +49,7 @@ from models.layers import init_weights  # noqa: E402
 from pipeline.config import Config, TrainConfig  # noqa: E402
 from pipeline.errors import CheckpointError  # noqa: E402
 from pipeline.training.modeling import build_model  # noqa: E402
+from pipeline.training.pretrained import HFWeights, copy_parameters, load_pretrained, open_weights  # noqa: E402
 from pipeline.training.schedule import lr_multiplier  # noqa: E402
 
 # The non-tensor types DeepSpeed pickles into its checkpoints (ZeRO optimizer states, loss scalers):
@@ -100,20 +101,27 @@ def _is_vector(param: nn.Parameter) -> bool:
     return len(shape) < 2
 
 
-def create_model(config: Config, ds_config: dict[str, Any]) -> nn.Module:
-    """The seeded model; under ZeRO-3 built inside `deepspeed.zero.Init`, so each rank only ever holds
-    its partition (parameters are gathered one module at a time for initialization).
+def create_model(config: Config, ds_config: dict[str, Any], *, fresh: bool = True) -> nn.Module:
+    """The seeded model, or with model.init_from and `fresh` (no checkpoint to resume) the model holding
+    those weights; under ZeRO-3 built inside `deepspeed.zero.Init`, so each rank only ever holds its
+    partition (parameters are gathered one module at a time for initialization or loading).
 
     zero.Init also replaces torch.nn.functional.linear, for the rest of the process, by DeepSpeed's
     LinearFunctionForZeroStage3: F.linear on 3-D inputs saves a transposed *view* of the gathered
     weight for backward, which keeps every gathered weight alive until backward (a whole extra model
     per rank); DeepSpeed's function saves the parameter itself. Same math, other rounding order."""
+    init_from = config.model.init_from if fresh else None  # a resume loads its checkpoint over the model
     if config.train.zero_stage != 3:
         model = build_model(config)
+        if init_from:
+            load_pretrained(model, init_from)
     else:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):  # dtype from ds_config (its dtype= is buggy)
             model = build_model(config)
-        _initialize_partitioned(model)
+        if init_from:
+            _load_partitioned(model, init_from)
+        else:
+            _initialize_partitioned(model)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     return model
@@ -122,13 +130,31 @@ def create_model(config: Config, ds_config: dict[str, Any]) -> nn.Module:
 def _initialize_partitioned(model: nn.Module) -> None:
     """Rerun the model's own `init_weights` on a ZeRO-3 model, one module's parameters gathered at a
     time, in named_parameters order (so the random stream, and the weights, equal a plain build)."""
+    for module_name, module, own in _modules_with_own_parameters(model):
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+            init_weights(_ParameterView(module_name, own, module), model.config)
+
+
+def _load_partitioned(model: nn.Module, init_from: str) -> None:
+    """Load HF weights into a ZeRO-3 model one module at a time: rank 0 reads each module's tensors
+    while they are gathered, and DeepSpeed scatters them; no rank ever holds the whole model."""
+    rank = torch.distributed.get_rank()
+    with open_weights(init_from) if rank == 0 else contextlib.nullcontext({}) as readers:
+        weights = HFWeights(model, readers, init_from) if rank == 0 else None
+        for module_name, _, own in _modules_with_own_parameters(model):
+            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+                if weights is not None:
+                    copy_parameters(weights, ((f"{module_name}.{name}".lstrip("."), p) for name, p in own))
+
+
+def _modules_with_own_parameters(model: nn.Module):
+    """(module name, module, [(name, parameter)]) of each module owning parameters, each parameter once."""
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         own = [(name, p) for name, p in module.named_parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for _, p in own)
         if own:
-            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
-                init_weights(_ParameterView(module_name, own, module), model.config)
+            yield module_name, module, own
 
 
 class _ParameterView:

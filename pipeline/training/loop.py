@@ -30,7 +30,7 @@ from pipeline.config import Config, load_config
 from pipeline.data.loader import BatchLoader, TokenDataset, check_vocab_fits
 from pipeline.data.masking import IGNORE_INDEX
 from pipeline.data.shards import SHARD_TOKENIZER_DIR, verify_shards
-from pipeline.data.tokenizer import bert_masking_ids
+from pipeline.data.special_tokens import bert_masking_ids
 from pipeline.errors import ConfigError
 from pipeline.eval.validation import named_losses, scoring_for, validate, window_set
 from pipeline.run.artifacts import atomic_write_json
@@ -89,7 +89,7 @@ def setup(config: Config, run_dir: Path, shard_dir: Path, *, driver_verified: bo
     )
     if rank == 0:  # the exact JSON DeepSpeed got, for the run's records
         atomic_write_json(run_dir / DEEPSPEED_CONFIG_FILE, ds_config)
-    model = engine.create_model(config, ds_config)
+    model = engine.create_model(config, ds_config, fresh=point is None)
     t, val_dataset = config.train, TokenDataset(shard_dir, "val")
     health = StepHealth(t.max_bad_steps, t.bad_step_window)
     meter = Meter(

@@ -46,6 +46,10 @@ FIELDS = {
 FIELDS |= {SOURCE_KEY + name: field for name, field in SourceConfig.model_fields.items()}
 # Values that validators check against each other; valid_raw_configs() draws them together.
 COUPLED = {
+    # Files: the keys that read Hugging Face directories are tested in test_pretrained.py.
+    "model.init_from",
+    "tokenizer.path",
+    "tokenizer.special_tokens",
     "tokenizer.vocab_size",
     "model.vocab_size",
     "model.max_seq_len",

@@ -10,7 +10,7 @@ from pipeline.data.inspect import inspect_shards
 from pipeline.data.loader import BatchLoader, TokenDataset, check_vocab_fits, epoch_sample_table, target_counts
 from pipeline.data.masking import IGNORE_INDEX
 from pipeline.data.shards import verify_shards
-from pipeline.data.tokenizer import special_token_ids
+from pipeline.data.special_tokens import special_token_ids
 from pipeline.errors import DataError
 
 

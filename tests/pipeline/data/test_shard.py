@@ -13,11 +13,11 @@ import pytest
 from pipeline.config import load_config
 from pipeline.data.shard import shard_stage
 from pipeline.data.shard_index import PARTS_DIR
-from pipeline.data.shards import file_sha256, read_index, token_dtype
+from pipeline.data.shards import read_index, token_dtype
 from pipeline.data.sources import is_validation
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_stage
 from pipeline.errors import DataError
-from pipeline.run.artifacts import read_manifest
+from pipeline.run.artifacts import file_sha256, read_manifest
 
 ROOT = Path(__file__).resolve().parents[3]
 

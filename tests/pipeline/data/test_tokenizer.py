@@ -6,10 +6,11 @@ from hypothesis import strategies as st
 
 from pipeline.config import load_config
 from pipeline.data.readers import source_texts
+from pipeline.data.special_tokens import declared_roles, resolve_roles, special_token_ids, write_roles
 from pipeline.data.tokenizer import (
     FAMILY_SPECIAL_TOKENS,
     load_tokenizer,
-    special_token_ids,
+    save_tokenizer,
     tokenizer_stage,
     train_tokenizer,
 )
@@ -56,13 +57,15 @@ def test_round_trip_any_text(gpt_tokenizer, text):
     assert gpt_tokenizer.decode(gpt_tokenizer.encode(text).ids, skip_special_tokens=False) == text
 
 
-def test_special_tokens_take_the_first_ids(stdlib_texts):
+def test_special_tokens_take_the_first_ids(stdlib_texts, tmp_path):
     bert = train_tokenizer(stdlib_texts, family="bert", vocab_size=300, min_frequency=2)
     assert [bert.token_to_id(t) for t in FAMILY_SPECIAL_TOKENS["bert"]] == [0, 1, 2, 3, 4]
-    ids = special_token_ids(bert, "bert")
-    assert (ids.pad, ids.cls, ids.separator, ids.mask, ids.all) == (0, 1, 2, 3, (0, 1, 2, 3, 4))
-    with pytest.raises(DataError, match=r"lacks the gpt special tokens \['<\|endoftext\|>'\]"):
-        special_token_ids(bert, "gpt")
+    save_tokenizer(bert, "bert", tmp_path)
+    write_roles(tmp_path, resolve_roles(bert, declared_roles(tmp_path), {}, "bert", "test"))
+    ids = special_token_ids(tmp_path, "bert")
+    assert (ids.pad, ids.separator, ids.mask, ids.all, ids.prefix) == (0, 2, 3, (0, 1, 2, 3, 4), ())
+    with pytest.raises(DataError, match=r"no eos token for model.family=gpt"):
+        special_token_ids(tmp_path, "gpt")
 
 
 def test_byte_alphabet_is_always_in_the_vocabulary():

@@ -13,7 +13,8 @@ import torch
 from torch.testing import assert_close
 
 from pipeline.config import load_config
-from pipeline.data.tokenizer import load_tokenizer, special_token_ids
+from pipeline.data.special_tokens import special_token_ids
+from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import CheckpointError, ExportError
 from pipeline.eval.export import check_exportable, export_hf, export_model, resolve_checkpoint
 from pipeline.training.modeling import build_model
@@ -71,7 +72,7 @@ def assert_greedy_generation_matches(model, export_dir, tokenizer_dir, *, varied
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(export_dir)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
     ours_tokenizer = load_tokenizer(tokenizer_dir)
-    separator = special_token_ids(ours_tokenizer, "gpt").separator
+    separator = special_token_ids(tokenizer_dir, "gpt").separator
     assert hf_tokenizer(prompt)["input_ids"] == ours_tokenizer.encode(prompt).ids
     assert hf_model.config.eos_token_id == hf_tokenizer.eos_token_id == separator
     ids = torch.tensor([[separator] + ours_tokenizer.encode(prompt).ids])
@@ -108,7 +109,7 @@ def test_bert_export_round_trip_gives_the_same_mlm_logits(tiny_bert_shard_dir, t
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
     assert type(hf_model).__name__ == "BertForMaskedLM"
     assert not (export_dir / "generation_config.json").exists()
-    special = special_token_ids(load_tokenizer(tiny_bert_shard_dir / "tokenizer"), "bert")
+    special = special_token_ids(tiny_bert_shard_dir / "tokenizer", "bert")
     assert (hf_tokenizer.mask_token_id, hf_model.config.pad_token_id) == (special.mask, special.pad)
     ids = torch.tensor([hf_tokenizer("import os\nprint(os.getcwd())")["input_ids"]])
     ids[0, 2] = special.mask

@@ -32,8 +32,9 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.loader import TokenDataset, epoch_sample_table, target_counts, windows_per_source
-from pipeline.data.shards import file_sha256, verify_shards
+from pipeline.data.shards import verify_shards
 from pipeline.errors import CheckpointError, DataError, StorageError
+from pipeline.run.artifacts import file_sha256
 from pipeline.tracking.journal import read_metrics
 from pipeline.tracking.names import METRIC_TRAIN_LOSS
 from pipeline.training import checkpoint, rng, storage
