@@ -46,3 +46,24 @@ def tiny_bert_shard_dir(tmp_path_factory) -> Path:
 def workdir(tmp_path) -> Path:
     """A fresh run.workdir for tests that build stages of their own."""
     return tmp_path / "work"
+
+
+@pytest.fixture(scope="session")
+def preset_overrides(tmp_path_factory):
+    """preset_overrides(path) -> the overrides a preset needs to load here: a preset that continues from
+    a Hugging Face directory (model.init_from) gets a stand-in with the real model's config.json and
+    vocabulary size, made once."""
+    import yaml
+
+    made: list[Path] = []
+
+    def overrides(preset: Path) -> list[str]:
+        if "init_from" not in (yaml.safe_load(preset.read_text()).get("model") or {}):
+            return []
+        if not made:
+            from tests.hf_checkpoints import gpt2_124m_description
+
+            made.append(gpt2_124m_description(tmp_path_factory.mktemp("gpt2")))
+        return [f"model.init_from={made[0]}"]
+
+    return overrides

@@ -119,3 +119,17 @@ def make_hf_dir(root: Path, kind: str, tokenizer: Tokenizer | None = None) -> Pa
     hf_model(kind, vocab_size).save_pretrained(directory)
     save_tokenizer(tokenizer, directory, kind)
     return directory
+
+
+def gpt2_124m_description(directory: Path) -> Path:
+    """config.json and a 50,257-token tokenizer.json shaped as openai-community/gpt2's (no weights):
+    enough for a config to validate and a plan to be made."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    transformers.GPT2Config().save_pretrained(directory)  # its defaults are GPT-2 small's
+    vocab = {f"t{i}": i for i in range(50_256)} | {"<|endoftext|>": 50_256}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory

@@ -183,6 +183,11 @@ def resolve_pretrained(config) -> None:
             )
             tokenizer.path = model.init_from
     if tokenizer.path is None:
+        check(
+            not tokenizer.special_tokens,
+            "tokenizer.special_tokens applies to an existing tokenizer only; set tokenizer.path (or "
+            "model.init_from) or remove it",
+        )
         return
     size = tokenizer_vocab_size(tokenizer.path)
     check(

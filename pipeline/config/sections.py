@@ -56,10 +56,6 @@ class TokenizerConfig(Section):
     @model_validator(mode="after")
     def _vocab_covers_bytes(self) -> TokenizerConfig:
         check(
-            self.path is not None or not self.special_tokens,
-            "tokenizer.special_tokens applies to an existing tokenizer only; set tokenizer.path or remove it",
-        )
-        check(
             self.path is not None or self.vocab_size >= 256 + 8,
             f"tokenizer.vocab_size={self.vocab_size} is too small: a byte-level "
             "BPE needs the 256 byte tokens plus the special tokens; use at least 264",

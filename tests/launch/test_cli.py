@@ -48,8 +48,8 @@ def test_missing_config_file_is_a_clear_error():
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
-def test_plan_runs_for_every_preset(preset):
-    out = pretrain("plan", str(preset.relative_to(REPO)), "--json")
+def test_plan_runs_for_every_preset(preset, preset_overrides):
+    out = pretrain("plan", str(preset.relative_to(REPO)), *preset_overrides(preset), "--json")
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["params"] > 0 and plan["flops_per_token"] > 6 * plan["non_embedding_params"]

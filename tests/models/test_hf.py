@@ -157,3 +157,39 @@ def test_load_refuses_leftover_weights():
     hf = hf_model(to_hf_config(GPT2_CFG))
     with pytest.raises(ValueError, match="no place"):
         load_hf_state_dict(GPT(GPT2_CFG), {**hf.state_dict(), "transformer.h.9.ln_1.weight": torch.ones(32)})
+
+
+def test_load_refuses_missing_weights():
+    state = hf_model(to_hf_config(GPT2_CFG)).state_dict()
+    del state["transformer.h.1.mlp.c_fc.weight"]
+    with pytest.raises(ValueError, match=r"missing Hugging Face weights: \['transformer.h.1.mlp.c_fc.weight'\]"):
+        load_hf_state_dict(GPT(GPT2_CFG), state)
+
+
+def test_gpt2_saved_from_the_base_model_with_its_mask_buffers_loads():
+    """openai-community/gpt2's files: `h.0.attn.c_attn.weight` (no `transformer.`), the causal-mask
+    buffers `attn.bias` / `attn.masked_bias`, and no lm_head (tied)."""
+    hf = hf_model(to_hf_config(GPT2_CFG))
+    stored = {name.removeprefix("transformer."): t for name, t in hf.state_dict().items() if name != "lm_head.weight"}
+    stored |= {f"h.{i}.attn.{buffer}": torch.ones(1) for i in range(2) for buffer in ("bias", "masked_bias")}
+    ours = GPT(GPT2_CFG)
+    load_hf_state_dict(ours, stored)
+    ids = tokens()
+    assert_close(ours.eval()(ids).logits, hf(input_ids=ids).logits)
+
+
+def test_bert_with_old_layernorm_names_a_pooler_and_an_nsp_head_loads():
+    """bert-base-uncased's files: LayerNorm.gamma/beta, the pooler and next-sentence head (no place in a
+    masked LM, left out), the decoder bias stored as cls.predictions.bias only."""
+    hf = hf_model(to_hf_config(BERT_CFG))
+    stored = {
+        name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): t
+        for name, t in hf.state_dict().items()
+        if name not in ("cls.predictions.decoder.bias", "cls.predictions.decoder.weight")
+    }
+    stored |= {"bert.pooler.dense.weight": torch.ones(32, 32), "cls.seq_relationship.bias": torch.ones(2)}
+    ours = BERT(BERT_CFG)
+    load_hf_state_dict(ours, stored)
+    batch = padded_batch()
+    keep = batch["attention_mask"].bool()
+    assert_close(ours.eval()(**batch).logits[keep], hf(**batch).logits[keep])

@@ -141,8 +141,8 @@ def test_run_name_defaults_to_config_stem(tmp_path):
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
-def test_resolved_config_round_trips_through_yaml(preset, tmp_path):
-    config = load_config(preset)
+def test_resolved_config_round_trips_through_yaml(preset, tmp_path, preset_overrides):
+    config = load_config(preset, preset_overrides(preset))
     again_path = tmp_path / "resolved.yaml"
     again_path.write_text(dump_config(config))
     assert load_config(again_path) == config
