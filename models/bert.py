@@ -6,7 +6,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import ModelOutput, Transformer, TransformerConfig, init_weights, make_norm
+from models.layers import (
+    ModelOutput,
+    Transformer,
+    TransformerConfig,
+    chunked_cross_entropy,
+    init_weights,
+    make_norm,
+    reduce_loss,
+)
 
 
 class BERT(nn.Module):
@@ -30,16 +38,24 @@ class BERT(nn.Module):
         labels: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
     ) -> ModelOutput:
-        """input_ids, attention_mask (1 = token, 0 = padding), labels (-100 = not masked, ignored),
-        token_type_ids and document_ids are all (B, T). With document_ids (documents packed into one
-        window, each ending with its [SEP]) a token attends only to its own document, and positions
-        restart at each document."""
+        """input_ids, attention_mask (1 = token, 0 = padding; None: no padding), labels (-100 = not
+        masked, ignored), token_type_ids and document_ids are all (B, T). With document_ids (documents
+        packed into one window, each ending with its [SEP]) a token attends only to its own document,
+        and positions restart at each document. Without labels: the logits of every position. With
+        labels: the loss ("mean" over the masked positions, or "sum") and no logits; only the masked
+        positions (~15%) go through the MLM head, chunk by chunk (see chunked_cross_entropy)."""
         hidden = self.transformer(input_ids, token_type_ids, document_ids=document_ids, padding=attention_mask)
+        if labels is None:
+            return ModelOutput(None, self.mlm_logits(hidden), hidden)  # (B, T, vocab_size)
+        # The masked positions' count is data: on a GPU, finding them waits for the device once.
+        scored = (labels.flatten() != -100).nonzero().squeeze(1)  # (N,)
+        picked = hidden.flatten(0, 1).index_select(0, scored)  # (N, d_model)
+        summed = chunked_cross_entropy(picked, self.mlm_logits, labels.flatten()[scored], self.config.vocab_size)
+        return ModelOutput(reduce_loss(summed, labels, loss_reduction), None, hidden)
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLM head: (..., d_model) -> (..., vocab_size)."""
         hidden = F.gelu(self.mlm_transform(hidden), approximate=self.config.gelu_approximate)
-        logits = self.lm_head(self.mlm_norm(hidden))  # (B, T, vocab_size)
-        loss = None
-        if labels is not None:
-            # fp32 log-softmax: in bf16 the small probabilities of a large vocabulary round away.
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return ModelOutput(loss, logits)
+        return self.lm_head(self.mlm_norm(hidden))

@@ -3,9 +3,8 @@ with rotary positions, RMSNorm, SwiGLU and grouped-query attention, chosen by Tr
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from models.layers import ModelOutput, Transformer, TransformerConfig, init_weights
+from models.layers import ModelOutput, Transformer, TransformerConfig, chunked_cross_entropy, init_weights, reduce_loss
 
 
 class GPT(nn.Module):
@@ -21,10 +20,16 @@ class GPT(nn.Module):
         init_weights(self, config)
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
     ) -> ModelOutput:
         """input_ids (B, T); labels (B, T) are the next tokens, already aligned by the data loader
-        (input_ids = window[:-1], labels = window[1:]), so no shift here; -100 is ignored.
+        (input_ids = window[:-1], labels = window[1:]), so no shift here; -100 is ignored. Without
+        labels: the logits. With labels: the loss ("mean" over the targets, or "sum"), computed chunk by
+        chunk from the hidden states, and no logits (see chunked_cross_entropy).
 
         document_ids (B, T), for documents packed into one window: a token attends only to earlier
         tokens of its own document (block-causal) and positions restart at each document. The
@@ -32,12 +37,10 @@ class GPT(nn.Module):
         predicted from its own document: the last token of a document predicts the separator, the
         separator predicts the next document's first token. No target is dropped."""
         hidden = self.transformer(input_ids, causal=True, document_ids=document_ids)
-        logits = self.lm_head(hidden)  # (B, T, vocab_size)
-        loss = None
-        if labels is not None:
-            # fp32 log-softmax: in bf16 the small probabilities of a large vocabulary round away.
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return ModelOutput(loss, logits)
+        if labels is None:
+            return ModelOutput(None, self.lm_head(hidden), hidden)  # logits (B, T, vocab_size)
+        summed = chunked_cross_entropy(hidden.flatten(0, 1), self.lm_head, labels.flatten(), self.config.vocab_size)
+        return ModelOutput(reduce_loss(summed, labels, loss_reduction), None, hidden)
 
     @torch.no_grad()
     def generate(

@@ -244,11 +244,9 @@ class BatchLoader:
                 special_ids=self.special_ids,
                 vocab_size=self.vocab_size,
             )
-        return {
-            "input_ids": _tensor(inputs),
-            "labels": _tensor(labels),
-            "attention_mask": _tensor(np.ones_like(inputs)),
-        }
+        # Packed windows have no padding, so no attention_mask: without one (and without document masking)
+        # attention takes the flash kernel, with document masking on CUDA the FlexAttention block mask.
+        return {"input_ids": _tensor(inputs), "labels": _tensor(labels)}
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

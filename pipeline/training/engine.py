@@ -213,12 +213,12 @@ def _skip_steps_on_overflow(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = step_unless_overflow
 
 
-def backward(engine, loss: torch.Tensor, logits: torch.Tensor) -> None:
+def backward(engine, loss: torch.Tensor, hidden: torch.Tensor) -> None:
     """engine.backward(loss), plus NaN gradients when the loss is not finite (see the module docstring):
-    a NaN on one logit's gradient reaches every layer. A finite loss adds 0.0 to that one gradient,
-    which changes no value, and nothing waits for the device."""
+    a NaN on one element of the final hidden states' gradient reaches every layer. A finite loss adds 0.0
+    to that one gradient, which changes no value, and nothing waits for the device."""
     poison = torch.where(torch.isfinite(loss.detach()), 0.0, torch.nan)
-    engine.backward(loss + poison * logits.reshape(-1)[0])
+    engine.backward(loss + poison * hidden.reshape(-1)[0])
 
 
 def optimizer_step(engine) -> torch.Tensor | float | None:

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from models import flops_per_token, num_parameters
 from pipeline.config import Config, load_config
@@ -195,21 +194,16 @@ def train_step(model_engine, loader: BatchLoader, accum_steps: int, device: torc
     for micro_step, batch in enumerate(batches):
         labels = batch.pop("labels")
         with torch.profiler.record_function("forward"):
-            logits = model_engine(**batch).logits
-            loss = summed_cross_entropy(logits, labels) * scale
+            output = model_engine(**batch, labels=labels, loss_reduction="sum")  # nats, in fp32, no logits kept
+            loss = output.loss * scale
         with torch.profiler.record_function("backward"):
-            engine.backward(model_engine, loss, logits)
+            engine.backward(model_engine, loss, output.hidden)
         total += loss.detach()
         if micro_step < accum_steps - 1:
             model_engine.step()  # DeepSpeed counts micro-steps; the update happens at the boundary below
     with torch.profiler.record_function("optimizer"):
         grad_norm = engine.optimizer_step(model_engine)
     return total / accum_steps, grad_norm
-
-
-def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Nats summed over the target tokens, in fp32 (bf16 logits round small probabilities away)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def evaluate(run: Run) -> dict[str, float]:

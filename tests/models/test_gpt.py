@@ -55,7 +55,7 @@ def test_labels_are_already_aligned_and_minus_100_is_ignored():
     labels[0, :3] = -100
     output = model(ids, labels=labels)
     kept = labels != -100
-    assert_close(output.loss, F.cross_entropy(output.logits[kept], labels[kept]))
+    assert_close(output.loss, F.cross_entropy(model(ids).logits[kept], labels[kept]))
 
 
 def test_residual_projections_get_the_scaled_init():

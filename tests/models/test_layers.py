@@ -150,3 +150,37 @@ def test_7b_llama_shape_builds_on_meta():
         model = GPT(cfg)
     assert all(p.is_meta for p in model.parameters())
     assert num_parameters(model) == 6_738_415_616  # Llama-2-7B's published count
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_chunked_loss_equals_the_whole_logits_loss_and_gradients(family, monkeypatch):
+    """Many chunks (a few rows each) against F.cross_entropy over the whole fp32 logits: same summed
+    loss and same gradients for every parameter."""
+    import models.layers
+    from models import BERT, GPT
+
+    cfg = TransformerConfig(family=family, vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)
+    torch.manual_seed(0)
+    model = GPT(cfg) if family == "gpt" else BERT(cfg)
+    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(2))
+    labels[labels % 3 == 0] = -100  # some targets ignored (BERT: the unmasked positions)
+    logits = model(ids).logits
+    reference = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    expected = torch.autograd.grad(reference, list(model.parameters()))
+    monkeypatch.setattr(models.layers, "LOSS_CHUNK_ELEMENTS", 97 * 5)  # 5 rows a chunk
+    loss = model(ids, labels=labels, loss_reduction="sum").loss
+    assert_close(loss, reference)
+    for got, want in zip(torch.autograd.grad(loss, list(model.parameters())), expected):
+        assert_close(got, want, atol=1e-6, rtol=1e-5)
+    mean = model(ids, labels=labels).loss
+    assert_close(mean, reference / (labels != -100).sum())
+
+
+def test_a_batch_without_targets_has_zero_loss():
+    from models import GPT
+
+    cfg = TransformerConfig(family="gpt", vocab_size=97, max_seq_len=16, d_model=32, n_layers=1, n_heads=4)
+    model = GPT(cfg)
+    ids = torch.randint(0, 97, (2, 8))
+    assert model(ids, labels=torch.full_like(ids, -100)).loss.item() == 0.0
