@@ -163,6 +163,13 @@ class TrainConfig(Section):
         0.2, gt=0, le=1, description="WSD: the share of train.max_steps, at the end, over which the rate decays."
     )
     decay_shape: Literal["linear", "1-sqrt"] = Field("linear", description="WSD: the shape of the decay.")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="`adamw`, or `muon` (DeepSpeed's MuonWithAuxAdam): Muon for the 2-D hidden matrices, AdamW "
+        "with lr, betas and eps for embeddings, the output head, norms and biases.",
+    )
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate (train.lr is the AdamW half's).")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's (Nesterov) momentum.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay; norms, biases and embeddings get none.")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
@@ -236,6 +243,15 @@ class TrainConfig(Section):
         check(
             self.offload_optimizer is False or self.zero_stage >= 1,
             "train.offload_optimizer=true needs train.zero_stage >= 1",
+        )
+        check(
+            self.optimizer != "muon" or self.grad_clip == 0,
+            f"train.optimizer=muon with train.grad_clip={self.grad_clip}: DeepSpeed's ZeRO 1-2 Muon clips the "
+            "orthogonalized updates, not the gradients, which shrinks every Muon step; set train.grad_clip=0",
+        )
+        check(
+            self.optimizer != "muon" or not self.offload_optimizer,
+            "train.optimizer=muon does not run on an offloaded optimizer; set train.offload_optimizer=false",
         )
         check(
             self.precision == "fp32" or self.zero_stage >= 1,

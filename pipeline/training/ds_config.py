@@ -66,15 +66,19 @@ def deepspeed_config(
 
 
 def _optimizer(train: TrainConfig, on_gpu: bool) -> dict[str, Any]:
-    """AdamW; torch's implementation unless the optimizer is offloaded (then DeepSpeedCPUAdam).
-    Weight decay here is the default; the engine passes parameter groups that turn it off for norms,
-    biases and embeddings."""
+    """AdamW; torch's implementation unless the optimizer is offloaded (then DeepSpeedCPUAdam). Or
+    DeepSpeed's Muon, which tags the 2-D parameters outside embeddings and the head for Muon and runs
+    torch's AdamW on the rest. Weight decay here is the default; the engine passes parameter groups that
+    turn it off for norms, biases and embeddings."""
     params: dict[str, Any] = {
         "lr": train.lr,
         "betas": [train.beta1, train.beta2],
         "eps": train.adam_eps,
         "weight_decay": train.weight_decay,
     }
+    if train.optimizer == "muon":
+        muon = {"muon_lr": train.muon_lr, "momentum": train.muon_momentum, "torch_adam": True}
+        return {"type": "Muon", "params": params | muon}
     if not train.offload_optimizer:
         params["torch_adam"] = True
         if on_gpu:
@@ -90,6 +94,8 @@ def _zero(train: TrainConfig, num_parameters: int, d_model: int, on_gpu: bool) -
     zero |= {"overlap_comm": on_gpu, "contiguous_gradients": True}  # overlap needs CUDA streams
     if train.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # export consolidates from the shards
+        if train.optimizer == "muon":
+            zero["reduce_scatter"] = False  # DeepSpeed's ZeRO-3 Muon needs whole gradients to orthogonalize
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if train.offload_params:

@@ -89,10 +89,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         no_decay_param = _is_vector(param) or id(param) in embeddings
         (no_decay if no_decay_param else decay).append(param)
     # `decays` travels with the group through DeepSpeed and its checkpoints: `apply_hyperparameters`
-    # reads it to give a resumed run the current weight decay.
+    # reads it to give a resumed run the current weight decay. DeepSpeed's Muon splits each group into
+    # halves named after it ("decay-muon-params", ...), keeping no other key: the name says it there.
     return [
-        {"params": decay, "weight_decay": weight_decay, "decays": True},
-        {"params": no_decay, "weight_decay": 0.0, "decays": False},
+        {"params": decay, "weight_decay": weight_decay, "decays": True, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "decays": False, "name": "no_decay"},
     ]
 
 
@@ -266,22 +267,35 @@ def apply_hyperparameters(engine, train: TrainConfig) -> dict[str, Any]:
     a closure, which LambdaLR does not save. Gradient clipping comes from the DeepSpeed config the
     engine was built with. Returns the values as the optimizer now holds them."""
     scheduler = engine.lr_scheduler
-    scheduler.base_lrs = [train.lr] * len(scheduler.base_lrs)
     groups = scheduler.optimizer.param_groups
-    for index, (group, multiplier) in enumerate(zip(groups, scheduler.lr_lambdas)):
-        group["initial_lr"] = train.lr
-        group["lr"] = train.lr * multiplier(scheduler.last_epoch)
-        group["betas"] = (train.beta1, train.beta2)
-        group["eps"] = train.adam_eps
-        group["weight_decay"] = train.weight_decay if group.get("decays", index == 0) else 0.0
-    return {
-        "lr": groups[0]["lr"],
-        "peak_lr": scheduler.base_lrs[0],
-        "betas": list(groups[0]["betas"]),
-        "eps": groups[0]["eps"],
+    scheduler.base_lrs = [train.muon_lr if group.get("use_muon") else train.lr for group in groups]
+    for index, (group, multiplier, peak) in enumerate(zip(groups, scheduler.lr_lambdas, scheduler.base_lrs)):
+        group["initial_lr"] = peak
+        group["lr"] = peak * multiplier(scheduler.last_epoch)
+        if group.get("use_muon"):
+            group["momentum"] = train.muon_momentum
+        else:
+            group["betas"] = (train.beta1, train.beta2)
+            group["eps"] = train.adam_eps
+        group["weight_decay"] = train.weight_decay if _decays(group, index) else 0.0
+    adam = next(group for group in groups if not group.get("use_muon"))
+    applied = {
+        "lr": adam["lr"],
+        "peak_lr": adam["initial_lr"],
+        "betas": list(adam["betas"]),
+        "eps": adam["eps"],
         "weight_decay": max(group["weight_decay"] for group in groups),
         "grad_clip": engine.gradient_clipping(),
     }
+    muon = [group for group in groups if group.get("use_muon")]
+    return applied | ({"muon_lr": muon[0]["initial_lr"], "muon_momentum": muon[0]["momentum"]} if muon else {})
+
+
+def _decays(group: dict[str, Any], index: int) -> bool:
+    """Whether a param group takes weight decay: its `decays` mark, or the name of the group it came from."""
+    if "decays" in group:
+        return group["decays"]
+    return group["name"].startswith("decay-") if "name" in group else index == 0
 
 
 def convert_to_universal(checkpoint: Path, out_dir: Path) -> None:
@@ -304,7 +318,9 @@ def convert_to_universal(checkpoint: Path, out_dir: Path) -> None:
 
 
 def current_lr(engine) -> float:
-    return engine.get_lr()[0]
+    """The learning rate of train.lr's groups (AdamW; with Muon, its AdamW half), as `train/lr` logs it."""
+    groups = engine.optimizer.param_groups
+    return next((group["lr"] for group in groups if not group.get("use_muon")), groups[0]["lr"])
 
 
 def consolidated_state_dict(checkpoints_dir: Path, tag: str) -> dict[str, torch.Tensor]:
