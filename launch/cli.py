@@ -91,6 +91,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_branch(args: argparse.Namespace) -> int:
+    from pipeline.run.branch import prepare_branch
+
+    config = prepare_branch(Path(args.run_dir), args.new_name, args.checkpoint, args.overrides)
+    _print_run_summary(config, _run(config))
+    return 0
+
+
 def _run(config, **stages) -> dict:
     """The pipeline, with the library log in the run's logs/driver.log."""
     from pipeline.run.orchestrate import run_pipeline
@@ -257,6 +265,14 @@ def _add_run_dir_commands(commands) -> None:
     resume.add_argument("run_dir")
     resume.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="safe changes, e.g. train.max_steps")
     resume.set_defaults(func=cmd_resume)
+    branch = commands.add_parser("branch", help="a new run from another run's checkpoint (decay early, anneal)")
+    branch.add_argument("run_dir", help="the parent run's directory")
+    branch.add_argument("new_name", help="the branch's run.name (a new run in the same workdir)")
+    branch.add_argument("--checkpoint", required=True, help="the parent's checkpoint tag, e.g. step-00000600")
+    branch.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="schedule, max_steps/max_tokens, lr, data.sources"
+    )
+    branch.set_defaults(func=cmd_branch)
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint (loss, perplexity, bits/byte)")
     evaluate.add_argument("run_dir")
     evaluate.add_argument(
@@ -297,7 +313,7 @@ def _add_tracking_commands(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     console.setup()
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -305,6 +321,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # every error ends in one line; the traceback goes to a file
         return _report_error(exc)
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with KEY=VALUE overrides accepted after options too (`branch RUN NEW --checkpoint
+    TAG train.lr=1e-4`): argparse stops filling a positional list once an option has followed it."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in unknown):
+        args.overrides = [*args.overrides, *unknown]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _report_error(exc: Exception) -> int:

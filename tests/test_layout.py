@@ -33,6 +33,7 @@ LAYERS = {
     "pipeline.training": 3,
     "pipeline.eval": 3,
     "pipeline.run.orchestrate": 4,
+    "pipeline.run.branch": 4,
     "launch": 5,
     "slurm": 5,
 }

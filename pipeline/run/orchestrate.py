@@ -42,6 +42,7 @@ from pipeline.run.rundir import (
     SUMMARY_FILE,
     RunState,
     absolute_paths,
+    branch_record,
     config_path,
     prepare_run_dir,
     run_dir_of,
@@ -130,6 +131,10 @@ def record_config(tracker, config: Config, run_dir: Path, changes: dict) -> None
     tracker.log_params(config.model_dump(mode="json"))
     tracker.set_tags(environment_tags(config))
     tracker.log_artifact(run_dir / CONFIG_FILE)
+    branch = branch_record(run_dir)
+    if branch is not None:  # tags, not mlflow.parentRunId: a branch is no nested child in the UI
+        tags = {"parent_run_id": branch["parent_mlflow_run_id"], "checkpoint": branch["checkpoint"]}
+        tracker.set_tags({f"branch.{key}": value for key, value in tags.items() if value is not None})
     weights = started_from(run_dir)
     if weights is not None:
         tracker.log_params({"init_from": {"path": weights["path"], "sha256": weights["sha256"]}})

@@ -3,6 +3,7 @@
     <workdir>/runs/<name>/
         config.yaml               the config as the user gave it (derived values recomputed on load)
         init_from.json            what model.init_from held at the start: path, sha256 of the weights
+        branch.json               a branch's parent: run directory, MLflow run id, checkpoint, step
         config_history.json       what each later attempt (resume, rerun) changed in config.yaml
         run.lock                  flock of the process running the run, with its PID and host
         run.json                  per stage: status, output path, reused, fingerprint, figures, seconds
@@ -35,6 +36,7 @@ STAGES = ("tokenizer", "shard", "train", "eval")
 
 CONFIG_FILE = "config.yaml"
 INIT_FROM_FILE = "init_from.json"
+BRANCH_FILE = "branch.json"  # written by `pretrain branch` (pipeline/run/branch.py)
 CONFIG_HISTORY_FILE = "config_history.json"  # every change of config.yaml between attempts of the run
 LOCK_FILE = "run.lock"  # flock held by the process running the run (pipeline/run/guard.py)
 RUN_STATE_FILE = "run.json"
@@ -102,6 +104,12 @@ def prepare_run_dir(config: Config, started_from: dict | None = None) -> tuple[P
 def started_from(run_dir: Path) -> dict | None:
     """init_from.json: {"path", "sha256", "files"} of the weights the run started from, or None."""
     path = Path(run_dir) / INIT_FROM_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def branch_record(run_dir: Path) -> dict | None:
+    """branch.json of a branch's run directory, or None."""
+    path = Path(run_dir) / BRANCH_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 

@@ -286,14 +286,18 @@ def save(
     barrier()
     if rank == 0:
         with failed_writes_reported(path, latest, rank):
-            started = time.perf_counter()
-            files = file_digests(path)
-            checksums = {"files": files, "hash_seconds": round(time.perf_counter() - started, 3)}
-            atomic_write_json(path / CHECKSUMS, checksums)
-            atomic_write_text(path / COMPLETE, "")
-            atomic_write_text(root / LATEST, tag + "\n")
+            seal(path)
         prune(run_dir, keep)
     return path
+
+
+def seal(path: Path) -> None:
+    """Record every file's size and sha256, mark the checkpoint COMPLETE, then move `latest` to it."""
+    started = time.perf_counter()
+    files = file_digests(path)
+    atomic_write_json(path / CHECKSUMS, {"files": files, "hash_seconds": round(time.perf_counter() - started, 3)})
+    atomic_write_text(path / COMPLETE, "")
+    atomic_write_text(path.parent / LATEST, path.name + "\n")
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -363,11 +367,13 @@ def resume(run: Run, point: tuple[Path, dict, dict] | None) -> None:
     if point is None:
         return
     path, state, changes = point
-    load_state(run, path, state, restore_loader=True)
+    load_state(run, path, state, restore_loader=state["loader"] is not None)
     run.resumed_from = run.step
     run.health.load_state_dict(state)
     if run.rank == 0:
         print(f"resumed from {path} (step {run.step}, {run.tokens_seen:,} tokens)", flush=True)
+        if state["loader"] is None:
+            print("data position: from the start of the new data mix (a branch)", flush=True)
         for key, (old, new) in changes.items():
             print(f"resume: {key} changed from {old!r} to {new!r}", flush=True)
         applied = {f"train.applied.{key}": value for key, value in run.applied_hyperparameters.items()}
