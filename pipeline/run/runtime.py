@@ -46,12 +46,14 @@ def distributed_backend(use_gpu: bool) -> str:
 
 
 def worker_environment(use_gpu: bool) -> dict[str, str]:
-    """Variables every Ray worker of a run gets: DeepSpeed's accelerator matching the workers' devices,
-    and Ray Train's print patch off (it tees each worker print to stdout and the root logger: every
-    line twice)."""
+    """Variables every Ray worker of a run gets: DeepSpeed's accelerator matching the workers' devices;
+    Ray Train's print patch off (it tees each worker print to stdout and the root logger: every line
+    twice); and its controller polling the worker group every 0.25 s instead of 2 s, which otherwise
+    adds up to 2 s to noticing that the group started and again that it finished (bench/startup.py)."""
     return {
         "DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     }
 
 
