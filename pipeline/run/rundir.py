@@ -7,6 +7,7 @@
         config_history.json       what each later attempt (resume, rerun) changed in config.yaml
         run.lock                  flock of the process running the run, with its PID and host
         run.json                  per stage: status, output path, reused, fingerprint, figures, seconds
+        stage_summary.json        every stage's figures as one table (an MLflow artifact)
         logs/                     tracebacks of failed stages and ranks, library output
         deepspeed_config.json     the exact JSON DeepSpeed got
         train_result.json         training's figures and stop flag, when run under torchrun
@@ -40,6 +41,7 @@ BRANCH_FILE = "branch.json"  # written by `pretrain branch` (pipeline/run/branch
 CONFIG_HISTORY_FILE = "config_history.json"  # every change of config.yaml between attempts of the run
 LOCK_FILE = "run.lock"  # flock held by the process running the run (pipeline/run/guard.py)
 RUN_STATE_FILE = "run.json"
+STAGE_SUMMARY_FILE = "stage_summary.json"
 LOGS_DIR = "logs"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 TRAIN_RESULT_FILE = "train_result.json"  # written under torchrun only: Ray returns the result

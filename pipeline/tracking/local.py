@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.errors import TrackingError
 from pipeline.run.artifacts import atomic_write_text
-from pipeline.run.rundir import TARGET_FILE
+from pipeline.run.rundir import STAGE_SUMMARY_FILE, TARGET_FILE
 from pipeline.tracking.journal import Journal
 from pipeline.tracking.names import tracking_uri
 
@@ -49,6 +49,9 @@ class TrackingTarget:
                 "(tracking.enabled=false, or not started by `pretrain run`)"
             )
         return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+SUMMARY_COLUMNS = ["stage", "status", "figure", "value"]  # MLflow's table artifact format
 
 
 class LocalRun(Journal):
@@ -89,13 +92,37 @@ def _git_commit() -> str | None:
 def log_stage(
     tracker: LocalRun, stage: str, figures: Mapping[str, Any], status: str = "done", *, step: int = 0
 ) -> None:
-    """A stage's figures: numbers as metrics `<stage>/<key>` at `step`, the rest as params; tag
-    `stage.<stage>=<status>`. Keys that already hold a '/' are used as they are."""
-    named = {key if "/" in key else f"{stage}/{key}": value for key, value in figures.items()}
-    numbers = {k: v for k, v in named.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    others = {k: v for k, v in named.items() if k not in numbers}
-    if numbers:
-        tracker.log_metrics(numbers, step)
-    if others:
-        tracker.log_params(others)
+    """A stage's outcome: the tag `stage.<stage>=<status>`, and its figures as rows of the run's stage
+    summary table (the artifact STAGE_SUMMARY_FILE), not as metric charts: a vocabulary size or a shard
+    build's driver CPU seconds is one number, no curve, and as a chart it would push the loss curves down
+    the run's page. The eval stage's scores are also metrics, under `val/` at the evaluated step, next to
+    the in-loop validation's `val/loss`; its own losses (overall and per source) are those same numbers
+    by construction, so they are not charted twice (`val/perplexity` is their exponential)."""
+    if stage == "eval":
+        scores = {
+            eval_metric_name(key): value
+            for key, value in figures.items()
+            if _is_number(value) and not key.endswith("loss")
+        }
+        if scores:
+            tracker.log_metrics(scores, step)
+    path = tracker.run_dir / STAGE_SUMMARY_FILE
+    table = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"columns": SUMMARY_COLUMNS, "data": []}
+    rows = [row for row in table["data"] if row[0] != stage]
+    rows += [[stage, status, key, value if _is_number(value) else str(value)] for key, value in figures.items()]
+    rows += [] if figures else [[stage, status, None, None]]
+    atomic_write_text(path, json.dumps({"columns": SUMMARY_COLUMNS, "data": rows}, indent=1) + "\n")
+    tracker.log_artifact(path)
     tracker.set_tags({f"stage.{stage}": status})
+
+
+def eval_metric_name(key: str) -> str:
+    """The MLflow name of an eval report metric: `val_loss` -> `val/loss`, `bits_per_byte` ->
+    `val/bits_per_byte`, `<source>/loss` -> `val/<source>/loss`; lm-eval scores keep `lm_eval/...`."""
+    if key.startswith("lm_eval/"):
+        return key
+    return "val/" + key.removeprefix("val_")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -17,7 +17,7 @@ from pipeline.config import Config, flatten
 
 METRIC_TRAIN_LOSS = "train/loss"
 METRIC_VAL_LOSS = "val/loss"
-METRIC_BITS_PER_BYTE = "eval/bits_per_byte"
+METRIC_BITS_PER_BYTE = "val/bits_per_byte"  # logged by the eval stage
 METRIC_TOKENS_PER_S = "train/tokens_per_s"
 METRIC_TOKENS_SEEN = "train/tokens_seen"
 METRIC_SKIPPED_STEPS = "train/skipped_steps"

@@ -154,7 +154,7 @@ def test_one_node_submit_completes_with_a_complete_mlflow_run(slurm_cluster, wor
     assert sorted(logged_losses(one_node_run)) == list(range(1, STEPS + 1))
     [run] = mlflow_runs(workspace, "one")
     assert run.info.status == "FINISHED" and sorted(mlflow_losses(workspace, run)) == list(range(1, STEPS + 1))
-    assert run.data.tags.get("slurm.job_id") and "eval/bits_per_byte" in run.data.metrics
+    assert run.data.tags.get("slurm.job_id") and "val/bits_per_byte" in run.data.metrics
     status = subprocess.run(
         [sys.executable, "-m", "launch.cli", "status", str(one_node_run)],
         env=slurm_cluster.env,

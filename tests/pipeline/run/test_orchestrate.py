@@ -108,8 +108,12 @@ def test_mlflow_run_holds_params_a_falling_loss_eval_metrics_and_artifacts(two_r
     values = [m.value for m in sorted(losses, key=lambda m: m.step)]
     assert values[-1] < values[0] - 0.3
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [10, 20]
-    for name in ("eval/val_loss", "eval/perplexity", "eval/bits_per_byte"):
+    for name in ("val/perplexity", "val/bits_per_byte"):  # the eval stage's, at the evaluated step
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [MAX_STEPS]
+    # One-off stage figures are rows of the stage summary table, not metric charts.
+    assert {name.split("/")[0] for name in run.data.metrics} == {"train", "val"}
+    summary = json.loads((run_dir / "stage_summary.json").read_text())
+    assert {row[0] for row in summary["data"]} == set(STAGES)
     assert {f"stage.{s}" for s in STAGES} <= {k for k, v in run.data.tags.items() if v == "done"}
     assert "host" in run.data.tags
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -126,6 +130,7 @@ def test_mlflow_run_holds_params_a_falling_loss_eval_metrics_and_artifacts(two_r
         "eval/summary.txt",
         "eval/loss_curve.png",
         "checkpoints/manifest.json",
+        "stage_summary.json",
     } <= artifacts
     manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
     assert manifest["latest"] == f"step-{MAX_STEPS:08d}"
@@ -152,7 +157,7 @@ def test_eval_command_scores_an_older_checkpoint_into_the_same_mlflow_run(two_ru
     assert "checkpoint step-00000010" in out.stdout
     assert json.loads((run_dir / "eval" / "report.json").read_text())["step"] == 10
     client, run = mlflow_run(workdir, run_dir)
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/val_loss")) == [10, MAX_STEPS]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/perplexity")) == [10, MAX_STEPS]
     assert run.info.status == "FINISHED"
 
 

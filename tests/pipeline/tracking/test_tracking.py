@@ -113,7 +113,12 @@ def test_metrics_tags_and_stage_figures_reach_mlflow(tmp_path, store_uri):
     run = client.get_run(tracker.run_id)
     assert steps_of(client, tracker.run_id, names.METRIC_TRAIN_LOSS) == [0, 1, 2, 3, 4]
     assert run.data.metrics[names.METRIC_BITS_PER_BYTE] == 1.25
-    assert run.data.params["eval/fingerprint"] == "abc"
+    assert "eval/fingerprint" not in run.data.params  # stage figures go to the summary table
+    summary = json.loads(
+        Path(client.download_artifacts(tracker.run_id, rundir.STAGE_SUMMARY_FILE, str(tmp_path))).read_text()
+    )
+    assert summary["columns"] == ["stage", "status", "figure", "value"]
+    assert summary["data"] == [["eval", "done", "bits_per_byte", 1.25], ["eval", "done", "fingerprint", "abc"]]
     assert run.data.tags["stage.eval"] == "done" and run.data.tags["host"] == socket.gethostname()
     assert run.data.tags["api_token"] == names.REDACTED and run.data.tags["note"] == "hello"
     assert run.info.status == "FINISHED" and run.info.run_name == "metrics"
@@ -170,7 +175,8 @@ def test_training_ranks_log_through_the_journal_and_the_driver_sends_it(tmp_path
 
     run = client.get_run(driver.run_id)
     assert run.data.tags["train.resumed_from_step"] == "7"
-    assert run.data.metrics["tokenizer/vocab_size"] == 512 and run.data.metrics["eval/bits_per_byte"] == 1.5
+    assert run.data.metrics["val/bits_per_byte"] == 1.5
+    assert not any(name.startswith("tokenizer/") for name in run.data.metrics)  # a table row, no chart
     assert run.data.tags["stage.tokenizer"] == run.data.tags["stage.eval"] == "done"
     assert run.info.status == "FINISHED"
 
