@@ -178,13 +178,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from pipeline.tracking.compare import experiments_url
     from pipeline.tracking.names import tracking_uri
     from pipeline.tracking.ui import start_ui, stop_ui
 
     uri = tracking_uri(load_config(args.config)) if args.config else (args.uri or _default_uri())
     log_path = Path(tempfile.gettempdir()) / f"pretrain-ui-{args.port}.log"
     process, url = start_ui(uri, args.port, log_path)
-    print(f"MLflow UI for {uri}: {url}  (log: {log_path}; Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI for {uri}: {experiments_url(url)}  (log: {log_path}; Ctrl-C stops it)", flush=True)
     if process is None:
         return 0
     try:

@@ -110,8 +110,23 @@ def _human_count(value: float) -> str:
     return f"{value:.0f}"
 
 
+# The UI's model-training view (runs, models, model registry) rather than its GenAI default: the
+# `workflowType` query of the route, which the UI also remembers for later visits.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def compare_url(base_url: str, experiment_id: str, run_ids: list[str]) -> str:
     """The MLflow UI page comparing runs (a single-page app: the route is in the fragment)."""
     runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
     experiments = quote(json.dumps([experiment_id], separators=(",", ":")))
-    return f"{base_url.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+    return f"{base_url.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}&{TRAINING_VIEW}"
+
+
+def run_url(base_url: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of one run's metric charts."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?{TRAINING_VIEW}"
+
+
+def experiments_url(base_url: str) -> str:
+    """The MLflow UI's list of experiments, in the model-training view."""
+    return f"{base_url.rstrip('/')}/#/experiments?{TRAINING_VIEW}"

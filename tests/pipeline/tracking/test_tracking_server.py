@@ -129,3 +129,50 @@ def test_run_keeps_every_metric_step_when_the_server_dies_and_returns(tmp_path, 
     tracker.finish()
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
     assert store.sync_run(tmp_path / "runs" / "killed") == 0
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_run_and_compare_pages_show_the_loss_charts_first(tmp_path, mlflow_server, repo_artifacts_dir):
+    """Two runs logged as the pipeline logs them (step metrics from training, every stage's figures through
+    log_stage): the run page's first chart section is train's, with the loss, then val's, and no stage
+    figure has a chart; the compare page lists train and validation metrics only."""
+    from playwright.sync_api import sync_playwright
+
+    _, url = mlflow_server()
+    run_ids = []
+    for name, final in (("trial-a", 3.5), ("trial-b", 3.25)):
+        tracker = open_run(tmp_path, url, name)
+        for step in range(1, 21):
+            step_metrics = {"train/loss": 5 - step * 0.08, "train/lr": 1e-3, "train/grad_norm": 0.9}
+            tracker.log_metrics(step_metrics | {"train/tokens_per_s": 9000.0}, step=step)
+        tracker.log_metrics({names.METRIC_VAL_LOSS: final}, step=20)
+        local.log_stage(tracker, "tokenizer", {"vocab_size": 512, "sample_bytes": 10**6, "seconds": 1.5})
+        local.log_stage(tracker, "shard", {"documents": 120, "driver_cpu_s": 0.4, "driver_rss_mb": 390.0})
+        local.log_stage(tracker, "train", {"steps": 20, "tokens_per_s": 9000.0, "train_seconds": 30.0}, step=20)
+        local.log_stage(tracker, "eval", {"val_loss": final, "perplexity": 33.1, "bits_per_byte": 1.2}, step=20)
+        tracker.finish()
+        run_ids.append(tracker.run_id)
+    experiment_id = MlflowClient(url).get_run(run_ids[0]).info.experiment_id
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(compare.run_url(url, experiment_id, run_ids[0]))
+            run_text = page_text_when(page, ["trial-a (train/loss)", "Model metrics", "Model registry"])
+            page.screenshot(path=str(repo_artifacts_dir / "mlflow-run-page.png"), full_page=True)
+            page.goto(compare.compare_url(url, experiment_id, run_ids))
+            compare_text = page_text_when(page, ["\nMetrics\n", "val/loss", "Artifacts"])
+            page.screenshot(path=str(repo_artifacts_dir / "mlflow-compare-trials.png"), full_page=True)
+        finally:
+            browser.close()
+    charts = re.findall(r"trial-a \(([^)]+)\)", run_text)  # each chart's legend: run (metric)
+    assert "Model registry" in run_text and "Evaluation runs" not in run_text  # the model-training view
+    assert charts and charts[0].startswith("train/") and "train/loss" in charts, run_text[:3000]
+    assert run_text.index("trial-a (train/loss)") < run_text.index("\nval\n")
+    assert not any(chart.split("/")[0] in ("tokenizer", "shard", "eval") for chart in charts)
+    listed = compare_text.split("\nMetrics\n", 1)[1].split("\nArtifacts\n", 1)[0]
+    metric_names = [line for line in listed.splitlines() if "/" in line]
+    assert metric_names and metric_names[0].startswith("train/"), listed
+    assert {name.split("/")[0] for name in metric_names} == {"train", "val"}, listed
