@@ -10,6 +10,7 @@ rng.py        the per-rank RNG states a checkpoint holds
 engine.py     the DeepSpeed wrapper, the only module that imports deepspeed
 ds_config.py  the DeepSpeed JSON, derived from the `train` section by one pure function
 modeling.py   the model a config describes (GPT or BERT from models/)
+pretrained.py Hugging Face weights for model.init_from: files, sha256, loading tensor by tensor
 plan.py       `pretrain plan`: parameters, FLOPs, memory and checkpoint size before a run
 requests.py   checkpoint requests from signals and from the driver
 ray_train.py  the driver: a Ray Train worker group (imports ray; ranks never need it)
