@@ -51,6 +51,8 @@ COUPLED = {
     "tokenizer.path",
     "tokenizer.special_tokens",
     "tokenizer.vocab_size",
+    "train.optimizer",
+    "train.grad_clip",
     "model.vocab_size",
     "model.max_seq_len",
     "model.d_model",
@@ -307,7 +309,10 @@ def valid_raw_configs(draw) -> dict[str, Any]:
     train["warmup_steps"] = draw(st.integers(0, steps if budget != "default" else 1000))
     train["zero_stage"] = draw(st.sampled_from([0, 1, 2, 3]))
     train["offload_params"] = train["zero_stage"] == 3 and draw(st.booleans())
-    train["offload_optimizer"] = train["zero_stage"] >= 1 and draw(st.booleans())
+    train["optimizer"] = draw(st.sampled_from(["adamw", "muon"]))
+    muon = train["optimizer"] == "muon"  # DeepSpeed's Muon: no gradient clipping, no offloaded optimizer
+    train["grad_clip"] = 0.0 if muon else draw(st.floats(0, 10, allow_nan=False))
+    train["offload_optimizer"] = train["zero_stage"] >= 1 and not muon and draw(st.booleans())
     train["precision"] = draw(st.sampled_from(["fp32", "bf16", "fp16"])) if train["zero_stage"] else "fp32"
     total = steps if budget != "default" else 1000
     wsd_fits = train["warmup_steps"] <= total // 2
