@@ -15,6 +15,7 @@ from pathlib import Path
 
 from launch import console
 from launch.slurm.commands import add_slurm_commands
+from launch.sweep import add_sweep_command
 from pipeline.config import config_reference_markdown, dump_config, load_config
 from pipeline.errors import RunStopped, StorageError, UserError
 from pipeline.run.guard import writable_run_dir
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_commands(commands)
     _add_run_dir_commands(commands)
     _add_tracking_commands(commands)
+    add_sweep_command(commands)
     add_slurm_commands(commands)
     return parser
 
@@ -328,8 +330,9 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     """The arguments, with KEY=VALUE overrides accepted after options too (`branch RUN NEW --checkpoint
     TAG train.lr=1e-4`): argparse stops filling a positional list once an option has followed it."""
     args, unknown = parser.parse_known_args(argv)
-    if unknown and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in unknown):
-        args.overrides = [*args.overrides, *unknown]
+    positional = "axes" if hasattr(args, "axes") else "overrides"
+    if unknown and hasattr(args, positional) and all("=" in item and not item.startswith("-") for item in unknown):
+        setattr(args, positional, [*getattr(args, positional), *unknown])
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args

@@ -64,3 +64,19 @@ def log_to(path: Path) -> Path:
     root.addHandler(handler)
     _file_handler = handler
     return path
+
+
+class _ToLogFile(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if _file_handler is not None:
+            _file_handler.handle(record)
+
+
+def file_only(name: str) -> None:
+    """Records of logger `name` go to the log file only, never past it to a console handler a library
+    put on a parent logger (Ray's `ray` logger has one, for errors: Ray Tune's trial errors would print
+    there, and a sweep reports its failed trials itself)."""
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    if not any(isinstance(handler, _ToLogFile) for handler in logger.handlers):
+        logger.addHandler(_ToLogFile())

@@ -57,13 +57,20 @@ class SlurmError(UserError):
     """A Slurm setting, site file or job request is wrong, or Slurm refused it."""
 
 
+class SweepError(UserError):
+    """A sweep's axes, options or earlier state are wrong (`pretrain sweep`, `pretrain submit --sweep`)."""
+
+
 class StageFailed(UserError):
     """A pipeline stage raised: names the stage and its traceback file; earlier artifacts are kept."""
 
     def __init__(self, stage: str, cause: str, log: object | None) -> None:
         where = f"traceback: {log}" if log is not None else "its traceback could not be saved"
         super().__init__(f"stage `{stage}` failed: {cause} ({where}; artifacts of earlier stages are kept)")
-        self.stage = stage
+        self.stage, self._args = stage, (stage, cause, log)
+
+    def __reduce__(self):  # copied and pickled by Ray Tune when a trial fails
+        return type(self), self._args
 
 
 class RunStopped(UserError):
@@ -72,4 +79,7 @@ class RunStopped(UserError):
     def __init__(self, run_dir: object, step: int, interrupted: bool = False) -> None:
         why = "interrupted (Ctrl-C)" if interrupted else "stopped on request"
         super().__init__(f"run {why} at step {step} after a checkpoint; continue it with `pretrain resume {run_dir}`")
-        self.step, self.interrupted = step, interrupted
+        self.step, self.interrupted, self._args = step, interrupted, (run_dir, step, interrupted)
+
+    def __reduce__(self):
+        return type(self), self._args

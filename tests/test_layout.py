@@ -34,10 +34,11 @@ LAYERS = {
     "pipeline.eval": 3,
     "pipeline.run.orchestrate": 4,
     "pipeline.run.branch": 4,
+    "pipeline.sweep": 4,
     "launch": 5,
     "slurm": 5,
 }
-RAY_IMPORTERS = ("pipeline.run.", "pipeline.data.shard", "pipeline.training.ray_train", "launch.")
+RAY_IMPORTERS = ("pipeline.run.", "pipeline.data.shard", "pipeline.training.ray_train", "pipeline.sweep.", "launch.")
 
 
 def module_name(path: Path) -> str:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from launch.slurm.jobs import Submission, plan_submission, resume_tasks, saved_settings, status_lines, submit
-from launch.slurm.render import prepare_runs, render_script
+from launch.slurm.render import prepare_runs, render_script, sweep_base
 from launch.slurm.settings import FLAG_FIELDS, SITE_ENV, SlurmSettings, load_settings
 from pipeline.errors import SlurmError
 
@@ -62,9 +62,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(script, end="")
         return 0
-    job_id = submit(submission, settings, script)
+    if not args.sweep:
+        job_id = submit(submission, settings, script)
+    else:
+        job_id = submit_sweep(submission, settings, script, args.sweep)
     print("\n".join(submitted_lines(job_id, submission)))
     return 0
+
+
+def submit_sweep(submission: Submission, settings: SlurmSettings, script: str, axes: list[str]) -> str:
+    """A sweep's array, with the same MLflow layout as `pretrain sweep`: one run for the sweep (created
+    now, in the sweep directory), and each array task's run nested under it."""
+    from pipeline.sweep.space import parse_axes
+    from pipeline.sweep.summary import open_sweep_run
+
+    tasks = submission.tasks
+    base = tasks[0].config.model_copy(deep=True)
+    base.run.name = sweep_base(tasks)
+    tracker = open_sweep_run(base, parse_axes(axes), len(tasks), submission.script_path.parent, {"slurm_array": True})
+    for task in tasks:
+        if tracker.run_id is not None:
+            task.config.tracking.parent_run_id = tracker.run_id
+    status = "FAILED"
+    try:
+        job_id = submit(submission, settings, script)
+        tracker.set_tags({"slurm.array_job_id": job_id})
+        status = "FINISHED"  # the sweep's run only groups its trials, which Slurm runs from here on
+    finally:
+        tracker.finish(status)
+    return job_id
 
 
 def submitted_lines(job_id: str, submission: Submission) -> list[str]:

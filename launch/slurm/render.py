@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import shlex
@@ -15,6 +14,7 @@ from launch.slurm.settings import SlurmSettings
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, SlurmError
 from pipeline.run.rundir import run_dir_of
+from pipeline.sweep.space import Trial, parse_axes, sweep_trials
 
 TEMPLATE = "pretrain.sbatch"  # the top-level slurm/ folder, shipped in the wheel as package data
 
@@ -52,65 +52,14 @@ def prepare_runs(config_path: str, overrides: list[str], sweeps: list[str], sett
     workdir = Path(base.run.workdir).resolve()
     fixed = [f"run.workdir={json.dumps(str(workdir))}", *cluster_overrides(settings)]
     tasks = []
-    for combination in sweep_combinations(sweeps) if sweeps else [[]]:
-        name = combination_name(base.run.name, combination) if sweeps else base.run.name
+    trials = sweep_trials(base.run.name, parse_axes(sweeps)) if sweeps else [Trial(base.run.name, ())]
+    for name, combination in ((trial.name, list(trial.overrides)) for trial in trials):
         try:
             config = load_config(config_path, [*overrides, *combination, f"run.name={json.dumps(name)}", *fixed])
         except ConfigError as exc:
             raise SlurmError(f"{' '.join(combination) or 'config'} as submitted: {exc}") from None
         tasks.append(RunTask(name, run_dir_of(config), config, tuple(combination), base.run.name))
-    if len({task.name for task in tasks}) != len(tasks):
-        raise SlurmError(
-            "two sweep combinations give the same run name (run names use the last part of each "
-            "key): sweep keys whose last parts differ"
-        )
     return tasks
-
-
-# Sweeps
-
-
-def split_values(text: str) -> list[str]:
-    """`1e-3,3e-4` -> ["1e-3", "3e-4"]; commas inside [] or {} belong to a YAML value."""
-    values, depth, current = [], 0, ""
-    for char in text:
-        depth += (char in "[{") - (char in "]}")
-        if char == "," and depth == 0:
-            values.append(current.strip())
-            current = ""
-        else:
-            current += char
-    values.append(current.strip())
-    return values
-
-
-def parse_sweep(text: str) -> tuple[str, list[str]]:
-    """`train.lr=1e-3,3e-4` -> ("train.lr", ["1e-3", "3e-4"])."""
-    key, sep, values_text = text.partition("=")
-    values = split_values(values_text) if sep else []
-    if not key.strip() or "." not in key or not values or "" in values:
-        raise SlurmError(f"--sweep {text!r} must look like section.key=value1,value2 (e.g. train.lr=1e-3,3e-4)")
-    if len(set(values)) != len(values):
-        raise SlurmError(f"--sweep {text!r} repeats a value")
-    return key.strip(), values
-
-
-def sweep_combinations(sweeps: list[str]) -> list[list[str]]:
-    """The cartesian product of the sweeps as override lists, first sweep varying slowest."""
-    parsed = [parse_sweep(text) for text in sweeps]
-    keys = [key for key, _ in parsed]
-    if len(set(keys)) != len(keys):
-        raise SlurmError(f"--sweep names a key twice: {', '.join(keys)}")
-    return [
-        [f"{key}={value}" for key, value in zip(keys, combo)]
-        for combo in itertools.product(*(values for _, values in parsed))
-    ]
-
-
-def combination_name(base: str, combination: list[str]) -> str:
-    """`gpt-tiny` + [train.lr=1e-3, model.n_layers=2] -> `gpt-tiny-lr=1e-3-n_layers=2` (safe as a dir name)."""
-    parts = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in (item.split("=", 1) for item in combination)]
-    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join([base, *parts]))
 
 
 # The job script

@@ -287,6 +287,11 @@ class TrackingConfig(Section):
     enabled: bool = Field(True, description="Log the run to MLflow.")
     uri: str | None = Field(None, description="MLflow tracking URI. Default: a sqlite store `<workdir>/mlflow.db`.")
     experiment: str = Field("pretrain", description="MLflow experiment name.")
+    parent_run_id: str | None = Field(
+        None,
+        description="MLflow run id of the sweep this run is a trial of: the run is shown nested under it. Set by "
+        "`pretrain sweep` and `pretrain submit --sweep`.",
+    )
     request_timeout_s: float = Field(10.0, gt=0, description="Timeout of one request to a tracking server.")
     max_retries: int = Field(
         1,

@@ -130,6 +130,8 @@ def record_config(tracker, config: Config, run_dir: Path, changes: dict) -> None
 
     tracker.log_params(config.model_dump(mode="json"))
     tracker.set_tags(environment_tags(config))
+    if config.tracking.parent_run_id:  # a sweep's trial, nested under the sweep's run in the UI
+        tracker.set_tags({"mlflow.parentRunId": config.tracking.parent_run_id})
     tracker.log_artifact(run_dir / CONFIG_FILE)
     branch = branch_record(run_dir)
     if branch is not None:  # tags, not mlflow.parentRunId: a branch is no nested child in the UI
@@ -190,7 +192,7 @@ def _run_stage(stage: str, config: Config, run_dir: Path, state: RunState, track
     tracker.set_tags({f"stage.{stage}": "running"})
     echo(f"{stage}: {stage_description(stage, config)}")
     try:
-        output = STAGE_RUNNERS[stage](config, run_dir, state, tracker)
+        output = STAGE_RUNNERS[stage](config, run_dir, state, tracker, echo)
     except (KeyboardInterrupt, SystemExit):
         state.record(stage, "interrupted")
         raise
@@ -226,7 +228,7 @@ def stage_description(stage: str, config: Config) -> str:
     return STAGE_DESCRIPTIONS[stage]
 
 
-def _tokenizer(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutput:
+def _tokenizer(config: Config, run_dir: Path, state: RunState, tracker, echo: Callable[[str], None]) -> StageOutput:
     from pipeline.data.tokenizer import tokenizer_stage
 
     result = tokenizer_stage(config)
@@ -234,7 +236,7 @@ def _tokenizer(config: Config, run_dir: Path, state: RunState, tracker) -> Stage
     return StageOutput(result.path, result.manifest.get("figures", {}), result.reused)
 
 
-def _shard(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutput:
+def _shard(config: Config, run_dir: Path, state: RunState, tracker, echo: Callable[[str], None]) -> StageOutput:
     from pipeline.data.shard import shard_stage
 
     tokenizer_dir = state.output("tokenizer")
@@ -242,12 +244,12 @@ def _shard(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutp
     return StageOutput(result.path, result.manifest.get("figures", {}), result.reused)
 
 
-def _train(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutput:
+def _train(config: Config, run_dir: Path, state: RunState, tracker, echo: Callable[[str], None]) -> StageOutput:
     from pipeline.training.ray_train import run_training
 
     shard_dir = state.output("shard")
     with tracker.syncing():
-        result = run_training(config, shard_dir, run_dir)
+        result = run_training(config, shard_dir, run_dir, echo)
     tracker.log_artifact(run_dir / DEEPSPEED_CONFIG_FILE)
     tracker.log_artifact(write_checkpoint_manifest(run_dir), "checkpoints")
     return StageOutput(
@@ -259,12 +261,15 @@ def _train(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutp
     )
 
 
-def _eval(config: Config, run_dir: Path, state: RunState, tracker) -> StageOutput:
+def _eval(config: Config, run_dir: Path, state: RunState, tracker, echo: Callable[[str], None]) -> StageOutput:
     import ray
 
     from pipeline.eval.stage import evaluate_run
 
-    remote = ray.remote(num_cpus=1, num_gpus=1 if config.cluster.use_gpu else 0)(evaluate_run)
+    # DEFAULT scheduling: wherever a CPU is free, outside a placement group the caller may hold (a sweep
+    # trial's actor holds one with room for itself only).
+    gpus = 1 if config.cluster.use_gpu else 0
+    remote = ray.remote(num_cpus=1, num_gpus=gpus, scheduling_strategy="DEFAULT")(evaluate_run)
     report = ray.get(remote.remote(config, run_dir, state.output("shard"), state.output("tokenizer")))
     return log_eval_artifacts(tracker, run_dir, report)
 

@@ -63,9 +63,10 @@ def ray_temp_root() -> Path:
 
 
 @contextmanager
-def ray_connection(config: Config) -> Iterator[None]:
+def ray_connection(config: Config, min_cpus: int = 0) -> Iterator[None]:
     """Use the Ray this process is connected to; else attach to `cluster.address`; else start an
-    embedded Ray with enough CPUs for the training and data workers (stopped again on exit)."""
+    embedded Ray with enough CPUs for the training and data workers, and at least `min_cpus` (a sweep's
+    concurrent trials), stopped again on exit."""
     import ray
 
     if ray.is_initialized():
@@ -83,7 +84,7 @@ def ray_connection(config: Config) -> Iterator[None]:
     if c.address:
         ray.init(address=c.address, runtime_env=runtime_env, **quiet)
     else:
-        needed = int(math.ceil(max(c.num_workers * c.cpus_per_worker, config.data.num_workers)))
+        needed = int(math.ceil(max(c.num_workers * c.cpus_per_worker, config.data.num_workers, min_cpus)))
         ray.init(
             num_cpus=max(os.cpu_count() or 1, needed),
             include_dashboard=False,

@@ -57,6 +57,8 @@ SUMMARY_COLUMNS = ["stage", "status", "figure", "value"]  # MLflow's table artif
 class LocalRun(Journal):
     """The driver's run when MLflow tracking is off: the journal only."""
 
+    run_id: str | None = None  # no MLflow run
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params live in config.yaml when nothing is tracked."""
 

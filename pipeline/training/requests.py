@@ -63,6 +63,11 @@ class Forwarded:
     interrupted: bool = False
 
 
+def write_request(run_dir: Path, stop: bool) -> None:
+    """Ask rank 0 for a checkpoint at its next check, and a clean stop after it when `stop`."""
+    atomic_write_text(Path(run_dir) / REQUEST_FILE, _STOP_WORD if stop else "checkpoint")
+
+
 @contextmanager
 def forward_signals(run_dir: Path, echo=print) -> Iterator[Forwarded]:
     """While workers train, SIGUSR1/SIGTERM to this driver become a checkpoint request file. The first
@@ -76,8 +81,7 @@ def forward_signals(run_dir: Path, echo=print) -> Iterator[Forwarded]:
                 raise KeyboardInterrupt
             forwarded.interrupted = True
             echo("interrupt: writing a checkpoint within train.log_every steps, then stopping (Ctrl-C again: stop now)")
-        stop = signum in (signal.SIGTERM, signal.SIGINT)
-        atomic_write_text(Path(run_dir) / REQUEST_FILE, _STOP_WORD if stop else "checkpoint")
+        write_request(run_dir, stop=signum in (signal.SIGTERM, signal.SIGINT))
 
     if threading.current_thread() is not threading.main_thread():
         yield forwarded

@@ -1,5 +1,6 @@
 """Fast tests of `pretrain submit` / `pretrain status` without a Slurm cluster: rendering, dry runs, site
-settings, sweep expansion, and submission against stand-in `sbatch` and `scontrol` executables."""
+settings, sweep arrays (the axes themselves: tests/pipeline/sweep/test_space.py), and submission against
+stand-in `sbatch` and `scontrol` executables."""
 
 from __future__ import annotations
 
@@ -14,14 +15,7 @@ import pytest
 import yaml
 
 from launch.cli import main
-from launch.slurm.render import (
-    combination_name,
-    parse_sweep,
-    render_template,
-    split_values,
-    sweep_combinations,
-    template_text,
-)
+from launch.slurm.render import render_template, template_text
 from launch.slurm.settings import SlurmSettings, load_settings
 from pipeline.config import load_config
 from pipeline.errors import SlurmError
@@ -226,36 +220,6 @@ def test_every_setting_has_a_description():
 
 # ---------------------------------------------------------------------------------------------
 # Sweeps
-
-
-def test_sweep_expansion_is_a_product_first_key_slowest():
-    assert sweep_combinations(["train.lr=1e-3,3e-4", "model.n_layers=2,4"]) == [
-        ["train.lr=1e-3", "model.n_layers=2"],
-        ["train.lr=1e-3", "model.n_layers=4"],
-        ["train.lr=3e-4", "model.n_layers=2"],
-        ["train.lr=3e-4", "model.n_layers=4"],
-    ]
-
-
-def test_sweep_values_keep_commas_inside_yaml_lists():
-    assert split_values("[a, b],[c]") == ["[a, b]", "[c]"]
-    assert parse_sweep("eval.prompts=[x, y],[z]") == ("eval.prompts", ["[x, y]", "[z]"])
-
-
-@pytest.mark.parametrize("spec", ["train.lr", "lr=1,2", "train.lr=", "train.lr=1,,2", "train.lr=1,1"])
-def test_bad_sweep_specs_are_refused(spec):
-    with pytest.raises(SlurmError, match="--sweep"):
-        parse_sweep(spec)
-
-
-def test_a_key_swept_twice_is_refused():
-    with pytest.raises(SlurmError, match="names a key twice"):
-        sweep_combinations(["train.lr=1,2", "train.lr=3,4"])
-
-
-def test_combination_names_are_safe_directory_names():
-    assert combination_name("gpt-tiny", ["train.lr=1e-3", "model.n_layers=2"]) == "gpt-tiny-lr=1e-3-n_layers=2"
-    assert combination_name("x", ["eval.prompts=[a b]"]) == "x-prompts=_a_b_"
 
 
 def test_sweep_dry_run_is_one_array_with_a_run_per_combination(capsys, workdir, tmp_path):

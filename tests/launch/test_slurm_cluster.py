@@ -219,4 +219,7 @@ def test_a_sweep_of_two_combinations_runs_as_an_array_with_two_mlflow_runs(slurm
     runs = mlflow_runs(workspace, "sweep-")
     assert sorted(run.info.run_name for run in runs) == names
     assert all(run.info.status == "FINISHED" for run in runs)
+    [parent] = [run for run in mlflow_runs(workspace, "sweep") if run.info.run_name == "sweep"]
+    assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in runs)  # nested, as `pretrain sweep`
+    assert parent.data.tags["slurm.array_job_id"] == job and parent.data.params["sweep.axes.train.lr"] == "1e-3,2e-3"
     assert sorted(float(run.data.params["train.lr"]) for run in runs) == [1e-3, 2e-3]
