@@ -197,6 +197,12 @@ class TrainConfig(Section):
         500, ge=0, description="Checkpoint every N steps (and always at the end); 0 checkpoints only at the end."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    async_checkpoint: bool = Field(
+        True,
+        description="Periodic checkpoints cost training only a copy of the state in host memory: the files "
+        "are written in the background and sealed (`latest` moved) once every rank's are durable. The last "
+        "checkpoint and one on a stop are written synchronously.",
+    )
     verify_checkpoints: bool = Field(
         True,
         description="Check every file's sha256 against the checkpoint's checksums.json before a resume or a "

@@ -17,7 +17,8 @@ import torch
 from pipeline.config import Config
 from pipeline.run.rundir import PROFILE_DIR
 from pipeline.tracking.names import METRIC_VAL_LOSS
-from pipeline.training.checkpoint import save_checkpoint
+from pipeline.training.async_checkpoint import PendingCheckpoint, SnapshotWriter
+from pipeline.training.checkpoint import latest_pointer, save_checkpoint, seal_and_prune
 from pipeline.training.health import StepHealth
 from pipeline.training.requests import CHECKPOINT_AND_STOP, NO_REQUEST, CheckpointRequests
 from pipeline.training.run import Callback, Run, StepOutcome
@@ -59,10 +60,25 @@ class Checkpointer(Callback):
     """A checkpoint every train.checkpoint_every steps, at the last step, and on request (SIGUSR1; SIGTERM
     and Ctrl-C also stop training after it). Ranks agree on requests with one small all-reduce, read on
     the host, only every `check_every` steps (train.log_every, where the metrics sync anyway) and at
-    checkpoint steps: a host sync per step would stall a GPU's queue of kernels."""
+    checkpoint steps: a host sync per step would stall a GPU's queue of kernels.
 
-    def __init__(self, every: int, requests: CheckpointRequests, check_every: int):
-        self.every, self.requests, self.check_every = every, requests, check_every
+    With train.async_checkpoint, periodic checkpoints are written in the background
+    (pipeline/training/async_checkpoint.py) and sealed at a later check once every rank's files are
+    durable; the last one and one on a stop are written synchronously, after any still in flight."""
+
+    def __init__(self, every: int, requests: CheckpointRequests, check_every: int, asynchronous: bool):
+        self.every, self.requests, self.check_every, self.asynchronous = every, requests, check_every, asynchronous
+        self.writer: SnapshotWriter | None = None
+        self.pending: PendingCheckpoint | None = None
+
+    def before_train(self, run: Run) -> None:
+        if self.asynchronous:
+            self.writer = SnapshotWriter(run.engine.checkpoint_engine)
+            run.engine.checkpoint_engine = self.writer
+            keep = run.config.train.keep_checkpoints
+            self.pending = PendingCheckpoint(
+                self.writer, run.rank, lambda path, digests: seal_and_prune(path, digests, keep)
+            )
 
     def after_step(self, run: Run, outcome: StepOutcome) -> None:
         scheduled = run.step == run.config.train.max_steps or (self.every and run.step % self.every == 0)
@@ -70,9 +86,25 @@ class Checkpointer(Callback):
         request = self.requests.agreed(run.device) if due else NO_REQUEST
         run.stopping = run.stopping or request == CHECKPOINT_AND_STOP
         if outcome.rolled_back:  # the checkpoint just loaded is the one to stop at
+            if self.pending is not None:
+                self.pending.discard()
             return
+        if due and self.pending is not None:
+            run.last_checkpoint = self.pending.poll(run.device) or run.last_checkpoint
         if request or scheduled:
+            self._save(run, final=run.stopping or run.step >= run.config.train.max_steps)
+
+    def _save(self, run: Run, final: bool) -> None:
+        if self.pending is None:
             save_checkpoint(run)
+            return
+        run.last_checkpoint = self.pending.finish() or run.last_checkpoint
+        if final:
+            with self.writer.synchronous():
+                save_checkpoint(run)
+            return
+        latest = latest_pointer(run.run_dir)
+        self.pending.started(save_checkpoint(run, asynchronous=True), latest)
 
     def close(self, run: Run) -> None:
         self.requests.close()
@@ -128,7 +160,12 @@ def default_callbacks(
         health,
         MetricsLogger(t.log_every),
         Validator(t.eval_every, evaluate),
-        Checkpointer(t.checkpoint_every, CheckpointRequests(run_dir, rank), check_every=t.log_every),
+        Checkpointer(
+            t.checkpoint_every,
+            CheckpointRequests(run_dir, rank),
+            check_every=t.log_every,
+            asynchronous=t.async_checkpoint,
+        ),
     ]
     if t.profile_at_step is not None:
         callbacks.append(Profiler(t.profile_at_step, t.profile_steps, run_dir))

@@ -123,11 +123,14 @@ def resolve_checkpoint(run_dir: Path, tag: str | None = None) -> Path:
 # Verification
 
 
-def file_digests(path: Path) -> dict[str, dict[str, Any]]:
-    """{relative file name: {"bytes", "sha256"}} of every file of a checkpoint but the markers."""
-    digests = {}
+def file_digests(path: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative file name: {"bytes", "sha256"}} of every file of a checkpoint but the markers; `known`
+    digests (hashed by the writers as they wrote) are taken for files of the size they record."""
+    known, digests = known or {}, {}
     for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name not in (COMPLETE, CHECKSUMS)):
-        digests[str(file.relative_to(path))] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+        name, size = str(file.relative_to(path)), file.stat().st_size
+        digest = known.get(name)
+        digests[name] = digest if digest and digest["bytes"] == size else {"bytes": size, "sha256": file_sha256(file)}
     return digests
 
 
@@ -265,12 +268,15 @@ def save(
     barrier: Callable[[], None],
     trainer_state: dict[str, Any],
     keep: int,
+    asynchronous: bool = False,
 ) -> Path:
     """Save a checkpoint of `step` (every rank calls this); returns its directory.
 
     All ranks write their DeepSpeed shard and RNG states; rank 0 writes trainer_state.json; after a
     barrier rank 0 marks it COMPLETE, moves `latest` to it and deletes all but the newest `keep`.
-    A failed write raises StorageError on the failing rank (the launcher then stops the others)."""
+    A failed write raises StorageError on the failing rank (the launcher then stops the others).
+    `asynchronous`: the DeepSpeed shards are still being written in the background (the engine's
+    checkpoint writer is pipeline/training/async_checkpoint.py's); the caller seals it later."""
     from pipeline.training.rng import save_rng_state  # torch: only where a rank saves
 
     root, tag = checkpoints_dir(run_dir), tag_for(step)
@@ -283,6 +289,8 @@ def save(
         save_rng_state(path, rank)
         if rank == 0:
             atomic_write_text(path / TRAINER_STATE, json.dumps(trainer_state, indent=1) + "\n")
+    if asynchronous:
+        return path
     barrier()
     if rank == 0:
         with failed_writes_reported(path, latest, rank):
@@ -291,13 +299,19 @@ def save(
     return path
 
 
-def seal(path: Path) -> None:
+def seal(path: Path, known_digests: dict[str, dict[str, Any]] | None = None) -> None:
     """Record every file's size and sha256, mark the checkpoint COMPLETE, then move `latest` to it."""
     started = time.perf_counter()
-    files = file_digests(path)
+    files = file_digests(path, known_digests)
     atomic_write_json(path / CHECKSUMS, {"files": files, "hash_seconds": round(time.perf_counter() - started, 3)})
     atomic_write_text(path / COMPLETE, "")
     atomic_write_text(path.parent / LATEST, path.name + "\n")
+
+
+def seal_and_prune(path: Path, known_digests: dict[str, dict[str, Any]], keep: int) -> None:
+    """Rank 0's end of an asynchronous save: seal it, then keep the newest `keep` checkpoints."""
+    seal(path, known_digests)
+    prune(path.parent.parent, keep)
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -325,8 +339,9 @@ def remove_partial(run_dir: Path) -> list[Path]:
 # A rank's state: the engine, loader position, RNG streams and counters
 
 
-def save_checkpoint(run: Run) -> None:
-    """Every rank calls this (DeepSpeed writes each rank's shard; a rank that skipped would hang the rest)."""
+def save_checkpoint(run: Run, asynchronous: bool = False) -> Path:
+    """Every rank calls this (DeepSpeed writes each rank's shard; a rank that skipped would hang the rest).
+    Returns the checkpoint's directory; `asynchronous`: not sealed yet (see `save`)."""
     import torch
     import torch.distributed as dist
 
@@ -341,10 +356,11 @@ def save_checkpoint(run: Run) -> None:
             f"the process running {run.run_dir} is gone (its lock is free): this orphaned rank stops without "
             "writing a checkpoint; `pretrain resume RUN_DIR` continues from the last one"
         )
-    run.last_checkpoint = save(
+    path = save(
         run.run_dir,
         run.step,
         rank=run.rank,
+        asynchronous=asynchronous,
         barrier=dist.barrier,
         keep=run.config.train.keep_checkpoints,
         save_engine=lambda root, tag: engine.save_checkpoint(run.engine, root, tag),
@@ -359,6 +375,9 @@ def save_checkpoint(run: Run) -> None:
             "config": run.config.model_dump(mode="json"),
         },
     )
+    if not asynchronous:
+        run.last_checkpoint = path
+    return path
 
 
 def resume(run: Run, point: tuple[Path, dict, dict] | None) -> None:

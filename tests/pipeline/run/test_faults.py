@@ -1,7 +1,8 @@
 """Fault tolerance and bad input, on real processes: 2 CPU ranks, gloo, fp32, DeepSpeed, torchrun and Ray Train.
 
 - a training worker SIGKILLed under Ray Train: the worker group restarts from `latest` by itself;
-- a launch killed while a checkpoint is being written: the previous checkpoint stays `latest`;
+- a launch killed while a checkpoint is being written, synchronously or in the background: the previous
+  checkpoint stays `latest`;
 - batches whose loss is not finite: the update is skipped and counted; too many roll back;
 - too little disk space, an unwritable run directory, a disk that fills up during a save;
 - shards and tokenizer files changed after sharding; checkpoint files that carry pickled code.
@@ -283,8 +284,11 @@ def freeze_while_writing(process: subprocess.Popen, run_dir: Path) -> tuple[Path
 
 
 @pytest.mark.slow
-def test_kill_during_a_checkpoint_write_keeps_the_previous_one(trained, tiny_shard_dir, tmp_path):
-    run_dir = make_run_dir(tmp_path / "run", CRASH_RUN)
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(asynchronous, trained, tiny_shard_dir, tmp_path):
+    """Async: the kill comes between the snapshot and the seal (files being written in the background,
+    or written and not yet sealed), the window an asynchronous save adds."""
+    run_dir = make_run_dir(tmp_path / "run", [*CRASH_RUN, f"train.async_checkpoint={str(asynchronous).lower()}"])
     process = torchrun(
         2, ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(tiny_shard_dir)], tmp_path / "tmp"
     )

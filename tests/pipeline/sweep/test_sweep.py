@@ -75,7 +75,7 @@ def lr_sweep(tmp_path_factory):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    kill_when(workdir / "runs" / "lrs-lr=1e-3" / "checkpoints" / "step-00000010", process)
+    kill_when(workdir / "runs" / "lrs-lr=1e-3" / "checkpoints" / "latest", process)  # a sealed checkpoint
     held = workdir / "runs" / "lrs-lr=3e-3"
     held.mkdir(parents=True)
     with open(held / "run.lock", "a+") as lock:

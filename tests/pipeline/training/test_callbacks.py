@@ -36,7 +36,7 @@ def test_requests_are_agreed_only_at_the_log_cadence_and_checkpoint_steps(one_ra
     config = load_config(None, ["train.max_steps=100", "train.warmup_steps=0", "train.log_every=10"])
     run = SimpleNamespace(config=config, device=torch.device("cpu"), step=0, stopping=False)
     requests = CheckpointRequests(tmp_path, rank=0)
-    checkpointer = Checkpointer(every=25, requests=requests, check_every=10)
+    checkpointer = Checkpointer(every=25, requests=requests, check_every=10, asynchronous=False)
     outcome = StepOutcome(torch.zeros(()), None, 0.0, 0.0, skipped=False)
     try:
         for step in range(1, 43):
