@@ -1,15 +1,18 @@
 """Checkpoint stall, synchronous against asynchronous (train.async_checkpoint), one JSON line.
 
 A model of at least 100M parameters (gpt2-124m's blocks, 15 layers, on a 512-token vocabulary: 106M),
-fp32, ZeRO 1, 2 CPU ranks under torchrun, micro-batch 1 x 128 tokens, a checkpoint every 5 steps (the
-last one, at the end, is synchronous either way). A step's time is the wall time between consecutive
-`train/loss` records of the journal (train.log_every=1); a checkpoint written after step N shows in step
-N+1's time. The stall of a checkpoint is that time minus the median of the steps with no checkpoint
-around them; the figure is the median over the run's periodic checkpoints, each way, alternating
-sync and async runs over --rounds. Goal: async stall <= 20% of the sync stall. Also reported: how much
-slower the steps are while a background write runs (2 cores: the writer competes with the ranks).
+fp32, ZeRO 1, --ranks CPU ranks of one thread each under torchrun, micro-batch 1 x 128 tokens, a
+checkpoint every 5 steps (the last one, at the end, is synchronous either way).
 
-    .venv/bin/python bench/checkpoint_stall.py [--rounds 2] [--steps 21]
+A step's time is the wall time between consecutive `train/loss` records of the journal
+(train.log_every=1); a checkpoint written after step N shows in step N+1's time. The stall of a
+checkpoint is that time minus the median of the steps with no checkpoint around them; the figure is
+the median over the run's periodic checkpoints, each way, alternating sync and async runs over
+--rounds. Goal: async stall <= 20% of the sync stall. Also reported: the step after that one
+(`while_writing_s`). With 2 ranks on 2 cores the background writer competes with the ranks for CPU;
+`--ranks 1` leaves a core to it, as a GPU node's host cores are.
+
+    .venv/bin/python bench/checkpoint_stall.py [--rounds 2] [--steps 21] [--ranks 2]
 """
 
 from __future__ import annotations
@@ -40,13 +43,13 @@ MODEL = [
     "train.seq_len=128",
     "train.micro_batch_size=1",
     "train.grad_accum_steps=1",
+    "train.warmup_steps=2",
     "train.zero_stage=1",
     "train.precision=fp32",
     "train.log_every=1",
     "train.eval_every=0",
     f"train.checkpoint_every={EVERY}",
     "train.keep_checkpoints=1",
-    "cluster.num_workers=2",
 ]
 DATA = [
     "data.max_documents=120",
@@ -62,13 +65,14 @@ def step_times(run_dir: Path) -> dict[int, float]:
     return {b["step"]: (b["time_ms"] - a["time_ms"]) / 1000 for a, b in zip(records, records[1:])}
 
 
-def train(workdir: Path, shards: Path, steps: int, asynchronous: bool, index: int) -> dict:
+def train(workdir: Path, shards: Path, steps: int, asynchronous: bool, index: int, ranks: int) -> dict:
     run_dir = workdir / f"run-{index}-{'async' if asynchronous else 'sync'}"
     run_dir.mkdir(parents=True)
-    overrides = [*DATA, *MODEL, f"train.max_steps={steps}", f"train.async_checkpoint={str(asynchronous).lower()}"]
+    overrides = [*DATA, *MODEL, f"cluster.num_workers={ranks}", f"train.max_steps={steps}"]
+    overrides.append(f"train.async_checkpoint={str(asynchronous).lower()}")
     (run_dir / "config.yaml").write_text(dump_config(load_config(None, overrides)))
-    env = {**os.environ, "TMPDIR": str(workdir), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "TMPDIR": str(workdir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     command += ["-m", "pipeline.training", "--run-dir", str(run_dir), "--shards", str(shards)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -88,6 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=21)
+    parser.add_argument(
+        "--ranks", type=int, default=2, help="CPU ranks, one thread each (1: a core left for the writer)"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     config = load_config(None, [f"run.workdir={workdir}", *DATA, *MODEL])
@@ -95,14 +102,15 @@ def main() -> None:
     results = {"sync": [], "async": []}
     for index in range(args.rounds):
         for asynchronous in (False, True):
-            results["async" if asynchronous else "sync"].append(train(workdir, shards, args.steps, asynchronous, index))
+            way = "async" if asynchronous else "sync"
+            results[way].append(train(workdir, shards, args.steps, asynchronous, index, args.ranks))
     figures = {
         way: {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
         for way, runs in results.items()
     }
     figures["stall_ratio"] = round(figures["async"]["stall_s"] / figures["sync"]["stall_s"], 3)
     figures["params"] = make_plan(config)["params"]
-    figures["rounds"] = args.rounds
+    figures["rounds"], figures["ranks"] = args.rounds, args.ranks
     print(json.dumps(figures))
 
 

@@ -28,7 +28,7 @@ def add_sweep_command(commands) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pipeline.run.rundir import LOGS_DIR
+    from pipeline.run.rundir import CONFIG_FILE, LOGS_DIR, run_dir_of
     from pipeline.sweep.driver import SweepOptions, plan_sweep, run_sweep
     from pipeline.sweep.record import sweep_dir_of
 
@@ -49,5 +49,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     console.file_only("ray.tune")
     run_sweep(plan, options)
     print(f"\nsweep directory: {sweep_dir}")
-    print(f"open the MLflow UI: pretrain ui {args.config}")
+    # A trial's resolved config names the store even when the command line overrode the workdir.
+    first_trial = run_dir_of(next(iter(plan.configs.values())))
+    print(f"open the MLflow UI: pretrain ui {first_trial / CONFIG_FILE}")
     return 0

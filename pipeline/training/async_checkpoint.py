@@ -48,6 +48,18 @@ def host_copy(value: Any) -> Any:
     return value
 
 
+def skip_zip_crc32() -> None:
+    """torch.save without the zip format's CRC32 of every record: it triples the write's CPU time (0.40 s
+    instead of 1.49 s for 600 MB here), which on a CPU-bound machine the background write takes from
+    training, and every checkpoint file's sha256 is in checksums.json anyway. (torch >= 2.6; the files
+    load the same.)"""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # an older torch: the CRC stays
+        return
+    config.save.compute_crc32 = False
+
+
 class SnapshotWriter:
     """DeepSpeed's checkpoint engine, with `save` made asynchronous (everything else is the engine's)."""
 
@@ -57,6 +69,7 @@ class SnapshotWriter:
         self.futures: list[Future] = []
         self.digests: dict[str, dict[str, Any]] = {}  # written file -> {"bytes", "sha256"}
         self.inline = False
+        skip_zip_crc32()
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
