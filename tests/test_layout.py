@@ -129,6 +129,9 @@ def test_errors_is_a_leaf():
 
 
 def test_every_sub_package_says_what_it_owns():
+    folders = {path.parent for package in PACKAGES for path in (REPO / package).rglob("*.py")}
+    missing = sorted(str(f.relative_to(REPO)) for f in folders if not (f / "__init__.py").is_file())
+    assert not missing, f"packages without __init__.py (a wheel would leave them out): {missing}"
     for init in REPO.glob("pipeline/*/__init__.py"):
         docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
         assert docstring and len(docstring) > 80, f"{init.relative_to(REPO)} needs a docstring saying what it owns"

@@ -6,6 +6,7 @@ callbacks.py  periodic concerns with their own cadence: metrics, validation, che
 health.py     non-finite steps and rollback (the first callback)
 meter.py      loss, throughput, MFU and memory over a logging window
 checkpoint.py the checkpoint manager: layout, discovery, save, retention, storage checks, resume
+async_checkpoint.py  checkpoints written in the background and sealed once every rank's are durable
 rng.py        the per-rank RNG states a checkpoint holds
 engine.py     the DeepSpeed wrapper, the only module that imports deepspeed
 ds_config.py  the DeepSpeed JSON, derived from the `train` section by one pure function

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.run.artifacts import file_sha256
+from pipeline.training.checkpoint import prune, seal
 from pipeline.training.storage import failed_writes_reported
 
 IDLE, BUSY, FAILED = 0, 1, 2
@@ -179,3 +180,9 @@ class PendingCheckpoint:
     def _wait_reporting_failures(self) -> None:
         with failed_writes_reported(self.path, self.latest, self.rank):
             self.writer.wait()
+
+
+def seal_and_prune(path: Path, known_digests: dict[str, dict[str, Any]], keep: int) -> None:
+    """Rank 0's end of an asynchronous save: seal it, then keep the newest `keep` checkpoints."""
+    seal(path, known_digests)
+    prune(path.parent.parent, keep)

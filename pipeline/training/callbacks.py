@@ -17,8 +17,8 @@ import torch
 from pipeline.config import Config
 from pipeline.run.rundir import PROFILE_DIR
 from pipeline.tracking.names import METRIC_VAL_LOSS
-from pipeline.training.async_checkpoint import PendingCheckpoint, SnapshotWriter
-from pipeline.training.checkpoint import latest_pointer, save_checkpoint, seal_and_prune
+from pipeline.training.async_checkpoint import PendingCheckpoint, SnapshotWriter, seal_and_prune
+from pipeline.training.checkpoint import latest_pointer, save_checkpoint
 from pipeline.training.health import StepHealth
 from pipeline.training.requests import CHECKPOINT_AND_STOP, NO_REQUEST, CheckpointRequests
 from pipeline.training.run import Callback, Run, StepOutcome
@@ -96,12 +96,12 @@ class Checkpointer(Callback):
 
     def _save(self, run: Run, final: bool) -> None:
         if self.pending is None:
-            save_checkpoint(run)
+            run.last_checkpoint = save_checkpoint(run)
             return
         run.last_checkpoint = self.pending.finish() or run.last_checkpoint
         if final:
             with self.writer.synchronous():
-                save_checkpoint(run)
+                run.last_checkpoint = save_checkpoint(run)
             return
         latest = latest_pointer(run.run_dir)
         self.pending.started(save_checkpoint(run, asynchronous=True), latest)

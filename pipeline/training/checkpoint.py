@@ -12,10 +12,11 @@
             COMPLETE              written by rank 0 last, once every rank's files are durable
 
 A directory without COMPLETE is a checkpoint cut off by a crash: resume ignores it and the next save
-removes it. Discovery and the resume checks import no torch: the CLI and the Slurm job helpers read
-run directories with them. Saving takes the engine's save function and a barrier from the caller, so
-it is testable in one process; `save_checkpoint`, `resume` and `load_state` wire in the DeepSpeed
-engine (pipeline/training/engine.py, imported when a rank first saves or loads).
+removes it. Discovery and the resume checks import no torch (the CLI and the Slurm helpers use them).
+Saving takes the engine's save function and a barrier from the caller, so it is testable in one
+process; `save_checkpoint`, `resume` and `load_state` wire in the engine (pipeline/training/engine.py).
+Asynchronous saves: pipeline/training/async_checkpoint.py. Storage checks and write failures:
+pipeline/training/storage.py.
 
 Resume. With the same world size every later loss equals the uninterrupted run's bit for bit (fp32).
 The world size may change: the data position is mapped by global samples consumed (the loader's
@@ -27,8 +28,6 @@ Verification. A checkpoint is chosen for a resume or a rollback only after its f
 checksums.json: sizes always, sha256 unless train.verify_checkpoints is false. A damaged one (flipped
 bytes, a truncated or missing file, no COMPLETE) is reported in one line, moved aside to
 `step-N.damaged` and skipped for the newest intact one, which `latest` then names.
-
-Storage checks and write failures: pipeline/training/storage.py.
 """
 
 from __future__ import annotations
@@ -124,8 +123,8 @@ def resolve_checkpoint(run_dir: Path, tag: str | None = None) -> Path:
 
 
 def file_digests(path: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    """{relative file name: {"bytes", "sha256"}} of every file of a checkpoint but the markers; `known`
-    digests (hashed by the writers as they wrote) are taken for files of the size they record."""
+    """{relative file name: {"bytes", "sha256"}} of every file but the markers; `known` digests (the
+    writers') are taken for files of the size they record."""
     known, digests = known or {}, {}
     for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name not in (COMPLETE, CHECKSUMS)):
         name, size = str(file.relative_to(path)), file.stat().st_size
@@ -275,8 +274,7 @@ def save(
     All ranks write their DeepSpeed shard and RNG states; rank 0 writes trainer_state.json; after a
     barrier rank 0 marks it COMPLETE, moves `latest` to it and deletes all but the newest `keep`.
     A failed write raises StorageError on the failing rank (the launcher then stops the others).
-    `asynchronous`: the DeepSpeed shards are still being written in the background (the engine's
-    checkpoint writer is pipeline/training/async_checkpoint.py's); the caller seals it later."""
+    `asynchronous`: the engine's shards are written in the background; the caller seals it later."""
     from pipeline.training.rng import save_rng_state  # torch: only where a rank saves
 
     root, tag = checkpoints_dir(run_dir), tag_for(step)
@@ -308,12 +306,6 @@ def seal(path: Path, known_digests: dict[str, dict[str, Any]] | None = None) -> 
     atomic_write_text(path.parent / LATEST, path.name + "\n")
 
 
-def seal_and_prune(path: Path, known_digests: dict[str, dict[str, Any]], keep: int) -> None:
-    """Rank 0's end of an asynchronous save: seal it, then keep the newest `keep` checkpoints."""
-    seal(path, known_digests)
-    prune(path.parent.parent, keep)
-
-
 def prune(run_dir: Path, keep: int) -> None:
     """Delete complete checkpoints older than the newest `keep`, and partial ones older than latest."""
     latest = latest_tag(run_dir)
@@ -340,8 +332,7 @@ def remove_partial(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run: Run, asynchronous: bool = False) -> Path:
-    """Every rank calls this (DeepSpeed writes each rank's shard; a rank that skipped would hang the rest).
-    Returns the checkpoint's directory; `asynchronous`: not sealed yet (see `save`)."""
+    """Every rank calls this (DeepSpeed writes each rank's shard; a rank that skipped would hang the rest)."""
     import torch
     import torch.distributed as dist
 
@@ -356,7 +347,7 @@ def save_checkpoint(run: Run, asynchronous: bool = False) -> Path:
             f"the process running {run.run_dir} is gone (its lock is free): this orphaned rank stops without "
             "writing a checkpoint; `pretrain resume RUN_DIR` continues from the last one"
         )
-    path = save(
+    return save(
         run.run_dir,
         run.step,
         rank=run.rank,
@@ -375,14 +366,10 @@ def save_checkpoint(run: Run, asynchronous: bool = False) -> Path:
             "config": run.config.model_dump(mode="json"),
         },
     )
-    if not asynchronous:
-        run.last_checkpoint = path
-    return path
 
 
 def resume(run: Run, point: tuple[Path, dict, dict] | None) -> None:
-    """Load the checkpoint `resume_point` found (engine, loader, RNG, counters) and print
-    the config changes it allowed."""
+    """Load the checkpoint `resume_point` found (engine, loader, RNG, counters)."""
     if point is None:
         return
     path, state, changes = point
