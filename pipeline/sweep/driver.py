@@ -94,7 +94,8 @@ def run_sweep(plan: SweepPlan, options: SweepOptions, echo: Callable[[str], None
     from pipeline.sweep.trials import TRIAL_CPUS, run_trials
 
     sweep_dir = writable_run_dir(sweep_dir_of(plan.base))
-    identity = {"axes": [_axis_text(axis) for axis in plan.axes], "samples": options.samples, "seed": options.seed}
+    axes = [f"{axis.key}={axis.values_text}" for axis in plan.axes]
+    identity = {"axes": axes, "samples": options.samples, "seed": options.seed}
     with run_lock(sweep_dir):
         record = SweepRecord.open(sweep_dir, identity, plan.trials)
         settings = {"samples": options.samples, "seed": options.seed, "early_stop": options.early_stop}
@@ -130,12 +131,6 @@ def run_sweep(plan: SweepPlan, options: SweepOptions, echo: Callable[[str], None
             f"<workdir>/runs/<trial>/{LOGS_DIR}/. Rerun the same command to retry them: finished trials are skipped"
         )
     return rows
-
-
-def _axis_text(axis: Axis) -> str:
-    if axis.distribution is None:
-        return f"{axis.key}={','.join(axis.values)}"
-    return f"{axis.key}={axis.distribution}:{axis.low:g}:{axis.high:g}"
 
 
 def with_parent(config: Config, parent_run_id: str | None) -> Config:

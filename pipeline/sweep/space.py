@@ -26,6 +26,11 @@ class Axis:
     low: float = 0.0
     high: float = 0.0
 
+    @property
+    def values_text(self) -> str:
+        """What the command line gave after `KEY=`: `1e-3,3e-4` or `loguniform:0.0001:0.01`."""
+        return ",".join(self.values) if self.distribution is None else f"{self.distribution}:{self.low:g}:{self.high:g}"
+
     def draw(self, rng: random.Random) -> str:
         """One value of a random axis, as override text (floats to 3 significant digits, so the trial
         name shows the exact value the trial uses)."""

@@ -32,7 +32,7 @@ def open_sweep_run(base: Config, axes: list[Axis], trials: int, sweep_dir: Path,
 
     tracker = open_tracker(base, sweep_dir)
     tracker.log_params(base.model_dump(mode="json"))
-    swept = {axis.key: ",".join(axis.values) or f"{axis.distribution}:{axis.low:g}:{axis.high:g}" for axis in axes}
+    swept = {axis.key: axis.values_text for axis in axes}
     tracker.log_params({"sweep": {"axes": swept, **options}})
     tracker.set_tags({"sweep.trials": str(trials)})
     return tracker
