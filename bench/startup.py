@@ -5,7 +5,10 @@
 - `torchrun --nproc_per_node 2 -m pipeline.training` on the same shards (no Ray, no MLflow);
 - nanoGPT's `train.py` (one process, the same model shape and batch, --compile=False, its first
   evaluation cut to one batch), with --nanogpt pointing at a nanoGPT checkout; the shards' tokens are
-  written to its data directory as train.bin / val.bin.
+  written to its data directory as train.bin / val.bin;
+- the floor of the Ray Train path: a Python process that starts Ray as `pretrain train` does
+  (`ray_connection`) and runs a `TorchTrainer` of the same 2 workers whose training function only
+  prints a line: how long Ray and Ray Train alone take before any of the project's per-rank code runs.
 
 The first step ends when its line appears on the command's output (`step 1/1 | loss` for ours, `iter 0:`
 for nanoGPT). The `pretrain train` rounds also report when each console line appeared, the phases a
@@ -34,6 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "gpt-tiny.yaml"
 ONE_STEP = ["train.max_steps=1", "train.warmup_steps=0"]
+FLOOR_MARK = "floor: worker group done"
 MARKS = {"run": "run ", "ray_up": "tokenizer:", "train_stage": "train: DeepSpeed", "first_step": "step 1/1 | loss"}
 
 
@@ -55,6 +59,47 @@ def timed(command: list[str], first_step_mark: str, cwd: Path, env: dict | None 
     if process.returncode != 0 or "first_step" not in seen:
         raise RuntimeError(f"{command[:3]} failed:\n{''.join(lines[-30:])}")
     return seen | {"exit": time.perf_counter() - started}
+
+
+def ray_train_floor() -> None:
+    """The floor (see the module docstring): Ray started as the train stage starts it, then a worker
+    group of gloo ranks whose function only prints `FIRST_STEP_MARK`."""
+    from pipeline.config import load_config
+    from pipeline.run.runtime import ray_connection
+
+    config = load_config(PRESET)
+    print("run ", flush=True)
+    with ray_connection(config), tempfile.TemporaryDirectory() as storage:
+        print("tokenizer: Ray is up", flush=True)
+        from ray.train import RunConfig, ScalingConfig  # imported once Ray is up, as the train stage does
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        trainer = TorchTrainer(
+            _reached,
+            scaling_config=ScalingConfig(num_workers=config.cluster.num_workers, resources_per_worker={"CPU": 1}),
+            torch_config=TorchConfig(backend="gloo"),
+            run_config=RunConfig(name="floor", storage_path=storage),
+        )
+        trainer.fit()
+        print(FLOOR_MARK, flush=True)
+
+
+def _reached() -> None:
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(os.environ["STARTUP_FLOOR_FILE"]).write_text(str(time.time()))
+
+
+def timed_floor() -> dict[str, float]:
+    """The floor's marks, its function's start taken from the file rank 0 writes (workers' prints stay
+    in Ray's logs)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        reached = Path(scratch) / "reached"
+        env = {**os.environ, "STARTUP_FLOOR_FILE": str(reached)}
+        started_wall = time.time()
+        seen = timed([sys.executable, __file__, "--ray-train-floor"], FLOOR_MARK, REPO, env)
+        return seen | {"first_step": float(reached.read_text()) - started_wall}
 
 
 def nanogpt_data(shard_dir: Path, nanogpt: Path) -> str:
@@ -89,19 +134,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (train.py, model.py)")
     parser.add_argument("--tracking", action="store_true", help="track the pretrain runs in MLflow (sqlite)")
+    parser.add_argument("--ray-train-floor", action="store_true", help=argparse.SUPPRESS)  # the floor's process
     args = parser.parse_args()
+    if args.ray_train_floor:
+        ray_train_floor()
+        return
     workdir = Path(tempfile.mkdtemp(prefix="startup-"))
     pretrain = [sys.executable, "-m", "launch.cli", "train", str(PRESET), f"run.workdir={workdir}", *ONE_STEP]
     tracking = [] if args.tracking else ["tracking.enabled=false"]
     timed([*pretrain, "run.name=warm", *tracking], MARKS["first_step"], REPO)  # builds the caches
     shard_dir = next((workdir / "cache" / "shard").glob("[!.]*"))
     dataset = nanogpt_data(shard_dir, args.nanogpt) if args.nanogpt else None
-    results: dict[str, list[dict]] = {"pretrain_train": [], "torchrun": [], "nanogpt": []}
+    results: dict[str, list[dict]] = {"pretrain_train": [], "ray_train_floor": [], "torchrun": [], "nanogpt": []}
     torchrun = str(Path(sys.executable).parent / "torchrun")
     for round_ in range(args.rounds):
         results["pretrain_train"].append(
             timed([*pretrain, f"run.name=r{round_}", *tracking], MARKS["first_step"], REPO)
         )
+        results["ray_train_floor"].append(timed_floor())
         run_dir = workdir / "runs" / f"t{round_}"
         run_dir.mkdir(parents=True)
         shutil.copy(workdir / "runs" / "warm" / "config.yaml", run_dir / "config.yaml")

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,18 @@ from pipeline.run.runtime import accelerator_name, distributed_backend
 # without it): the one process-wide setting the project makes, before the one deepspeed import.
 os.environ.setdefault("DS_ACCELERATOR", accelerator_name())
 
-import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
+# DeepSpeed's autotuner, which the project does not use, imports mlflow when deepspeed is imported
+# and does without it when that import fails: 1 s of every rank's start-up (bench/startup.py) for a
+# package the ranks never use (the driver owns the MLflow run). A None entry in sys.modules is
+# Python's way to make `import mlflow` fail; it is removed again right after, unless mlflow was
+# already imported, in which case nothing changes.
+_MLFLOW_WAS_IMPORTED = "mlflow" in sys.modules
+sys.modules.setdefault("mlflow", None)
+try:
+    import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
+finally:
+    if not _MLFLOW_WAS_IMPORTED:
+        del sys.modules["mlflow"]
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402

@@ -41,7 +41,7 @@ from pipeline.training.checkpoint import resume
 from pipeline.training.ds_config import deepspeed_config
 from pipeline.training.health import StepHealth, step_was_bad
 from pipeline.training.meter import Meter, compilation_figures, peak_flops_per_device
-from pipeline.training.modeling import build_model, model_config
+from pipeline.training.modeling import meta_model, model_config
 from pipeline.training.plan import checkpoint_bytes
 from pipeline.training.run import Callback, Run, StepOutcome, TrainResult
 
@@ -118,8 +118,7 @@ def setup(config: Config, run_dir: Path, shard_dir: Path, *, driver_verified: bo
 
 
 def count_parameters(config: Config) -> int:
-    with torch.device("meta"):
-        return num_parameters(build_model(config))
+    return num_parameters(meta_model(config))
 
 
 def check_storage(config: Config, run_dir: Path) -> None:

@@ -12,11 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
 from models import activation_memory_bytes, flops_per_token, num_parameters
 from pipeline.config import Config
-from pipeline.training.modeling import build_model, model_config
+from pipeline.training.modeling import meta_model, model_config
 
 GIB = 1024**3
 
@@ -77,10 +75,7 @@ def checkpointed_activation_bytes(cfg, micro_batch: int, seq_len: int, value_byt
 def make_plan(config: Config) -> dict:
     """Everything `pretrain plan` prints, as a dict (also what `--json` prints)."""
     cfg = model_config(config)
-    # Parameters on the meta device: a 7B model "builds" in seconds. torch's device context rather
-    # than accelerate.init_empty_weights, which re-creates each parameter and so unties tied embeddings.
-    with torch.device("meta"):
-        model = build_model(config)
+    model = meta_model(config)
     n_params = num_parameters(model)
     t = config.train
     value_bytes = 4 if t.precision == "fp32" else 2

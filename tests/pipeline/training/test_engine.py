@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from pipeline.training.engine import enable_activation_checkpointing, param_grou
 from pipeline.training.modeling import build_model
 from pipeline.training.schedule import lr_multiplier
 
+REPO = Path(__file__).resolve().parents[3]
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=16", "tokenizer.vocab_size=320"]
 
 
@@ -80,3 +84,19 @@ def test_activation_checkpointing_keeps_the_gradients():
         model(ids, labels=ids).loss.backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
+
+
+def test_a_rank_imports_deepspeed_without_mlflow_and_mlflow_still_imports_after():
+    """DeepSpeed's autotuner imports mlflow at import (1 s of every rank's start-up); the ranks keep it
+    out, and leave `import mlflow` working for whoever needs it later in the process."""
+    script = (
+        "import sys\n"
+        "import pipeline.training.loop\n"
+        "from deepspeed.autotuning import autotuner\n"
+        "assert 'mlflow' not in sys.modules and not autotuner.has_mlflow\n"
+        "import mlflow\n"
+        "print(mlflow.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "mlflow"
