@@ -3,8 +3,9 @@ into host memory; a background thread writes the files while training goes on.
 
 `SnapshotWriter` stands in for DeepSpeed's checkpoint engine (its interface, by delegation: DeepSpeed
 calls `save(state_dict, path)` for every file it writes). Its `save` copies the state dict's tensors to
-host memory, which is the whole stall, and queues the write; the thread writes with DeepSpeed's own
-engine, fsyncs the file and hashes it (the checksums the seal records, off the training thread too).
+host memory, which is the whole stall, and queues the write; the thread writes it as DeepSpeed's own
+engine does (into an open file, which keeps the GIL free: see `_write`), fsyncs the file and hashes
+it (the checksums the seal records, off the training thread too).
 
 Crash safety is the synchronous path's (pipeline/training/checkpoint.py): a checkpoint is sealed
 (checksums, COMPLETE, then `latest`) only once every rank's files are written and fsynced. The ranks
@@ -92,9 +93,14 @@ class SnapshotWriter:
             self.submit(self._write, host_copy(state_dict), path)
 
     def _write(self, snapshot, path: str) -> None:
-        self.inner.save(snapshot, path)
-        with open(path, "rb") as written:  # durable before any rank reports it done
-            os.fsync(written.fileno())
+        """DeepSpeed's engine's `torch.save`, but into an open file: given a path, torch's zip writer
+        holds the GIL while it writes, which stalls the training thread for the whole write (a
+        Python-bound loop ran 2.3-4.2x slower beside it, 1.26x beside the same save into a file).
+        Fsynced: durable before any rank reports it done."""
+        with open(path, "wb") as file:
+            torch.save(snapshot, file, _use_new_zipfile_serialization=self.inner.zipfile_serialization)
+            file.flush()
+            os.fsync(file.fileno())
         self.digests[str(Path(path).resolve())] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
 
     def submit(self, work, *args) -> None:
