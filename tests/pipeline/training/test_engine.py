@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +13,8 @@ from pipeline.errors import ConfigError
 from pipeline.training.engine import enable_activation_checkpointing, param_groups
 from pipeline.training.modeling import build_model
 from pipeline.training.schedule import lr_multiplier
+from tests.fresh_process import fresh_python_output
 
-REPO = Path(__file__).resolve().parents[3]
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=16", "tokenizer.vocab_size=320"]
 
 
@@ -97,6 +94,4 @@ def test_a_rank_imports_deepspeed_without_mlflow_and_mlflow_still_imports_after(
         "import mlflow\n"
         "print(mlflow.__name__)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "mlflow"
+    assert fresh_python_output(script) == "mlflow"

@@ -3,18 +3,14 @@ structure, and building it costs no torch._dynamo import (part of every run's st
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from models.layers import num_parameters
 from pipeline.config import load_config
 from pipeline.training.modeling import build_model, meta_model
+from tests.fresh_process import fresh_python_output
 
-REPO = Path(__file__).resolve().parents[3]
 FAMILIES = {
     "gpt-tied": ["model.n_layers=2", "model.d_model=64", "tokenizer.vocab_size=512"],
     "llama-untied": [
@@ -54,6 +50,4 @@ def test_counting_parameters_imports_no_dynamo():
         "assert count_parameters(load_config('configs/gpt2-124m.yaml')) > 100_000_000\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert fresh_python_output(script) == "False"
