@@ -333,10 +333,12 @@ def test_sigkill_resume_and_sigterm_stop_match_uninterrupted(trained, tiny_shard
     stopped = torchrun(2, args, tmp_path / "tmp")
     wait_for(lambda: max(losses(run_dir)) > first_leg + 3, stopped)
     workers = [p for p in psutil.Process(stopped.pid).children() if "pipeline.training" in " ".join(p.cmdline())]
+    signalled_at = max(losses(run_dir))
     workers[0].send_signal(signal.SIGTERM)  # one worker: the ranks agree on the request at the next step
     output, _ = stopped.communicate(timeout=300)
     assert stopped.returncode == 0, output[-4000:]
-    assert result(run_dir)["stopped"] and figures(run_dir)["steps"] < 60
+    stop_landed = result(run_dir)["stopped"] and figures(run_dir)["steps"] < 60
+    assert stop_landed, f"first leg ended at step {first_leg}, SIGTERM at step {signalled_at}: {figures(run_dir)}"
     assert "resumed from" in output
 
     train_with_torchrun(run_dir, tiny_shard_dir, tmp_path / "tmp")
